@@ -1,0 +1,75 @@
+"""The exception hierarchy. Every syscall ends with a result or one of these.
+
+Each class carries a stable ``code`` so the edges (CLI exit codes, HTTP status codes) can map
+them without string matching. Messages say what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class AIOSError(Exception):
+    """Base of every error aios raises on purpose."""
+
+    code: ClassVar[str] = "aios_error"
+
+
+class ConfigError(AIOSError):
+    """The configuration is invalid (reported before anything starts)."""
+
+    code = "config_error"
+
+
+class ModelNotFound(AIOSError):
+    """A model file or model name could not be resolved."""
+
+    code = "model_not_found"
+
+
+class ModelLoadError(AIOSError):
+    """llama.cpp could not load a model file or create a context for it."""
+
+    code = "model_load_error"
+
+
+class InvalidRequest(AIOSError):
+    """A syscall's parameters are invalid; nothing was queued."""
+
+    code = "invalid_request"
+
+
+class ContextOverflow(InvalidRequest):
+    """The prompt (plus the requested output) does not fit the model's context."""
+
+    code = "context_overflow"
+
+
+class Overloaded(AIOSError):
+    """A queue is full; retry later instead of queueing without bound."""
+
+    code = "overloaded"
+
+
+class DeadlineExceeded(AIOSError):
+    """The syscall did not finish before its deadline; its resources were released."""
+
+    code = "deadline_exceeded"
+
+
+class SyscallCancelled(AIOSError):
+    """The syscall was cancelled by the kernel (not by its caller)."""
+
+    code = "cancelled"
+
+
+class KernelShutdown(AIOSError):
+    """The kernel shut down while the syscall was queued or running."""
+
+    code = "kernel_shutdown"
+
+
+class CoreError(AIOSError):
+    """The LLM core failed while running the syscall (the core itself keeps serving)."""
+
+    code = "core_error"

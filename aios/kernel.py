@@ -1,0 +1,156 @@
+"""The kernel: owns the LLM cores through a lifespan and is the one entry point for syscalls.
+
+    async with Kernel(KernelConfig()) as kernel:
+        proc = await kernel.run_agent(MyAgent, "task")
+
+Every syscall ends with a result or a typed error before its deadline: the kernel awaits the
+request's future under a timeout and withdraws the request (freeing its slot) when the deadline
+passes or the caller goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from aios.config import CoreConfig, KernelConfig
+from aios.errors import AIOSError, DeadlineExceeded, InvalidRequest, KernelShutdown, ModelNotFound
+from aios.llm.core import LLMCore
+from aios.llm.engine import Engine
+from aios.process import AgentProcess
+from aios.scheduler import make_policy
+from aios.syscall import Completion, LLMCall
+
+if TYPE_CHECKING:
+    from aios.sdk.agent import Agent
+
+EngineFactory = Callable[[CoreConfig], Engine]
+
+
+def llamacpp_engine(config: CoreConfig) -> Engine:
+    """The default engine factory: llama.cpp, imported only when a core starts."""
+    from aios.llm.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(config)
+
+
+class Kernel:
+    def __init__(
+        self,
+        config: KernelConfig | None = None,
+        *,
+        engine_factory: EngineFactory = llamacpp_engine,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or KernelConfig()
+        self.cores: dict[str, LLMCore] = {}
+        self.processes: dict[str, AgentProcess] = {}
+        self._engine_factory = engine_factory
+        self._clock = clock
+        self._stack: AsyncExitStack | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifespan --------------------------------------------------------------------------
+    async def __aenter__(self) -> Kernel:
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            # Unwinds before the TaskGroup exits: cancel the loops, fail what is in flight.
+            stack.push_async_callback(self._shutdown)
+            for cfg in self.config.cores:
+                core = LLMCore(
+                    cfg,
+                    lambda cfg=cfg: self._engine_factory(cfg),  # type: ignore[misc]
+                    make_policy(self.config.policy),
+                    self._clock,
+                )
+                self.cores[cfg.name] = core
+                await core.start()
+                self._tasks.append(tasks.create_task(core.run(), name=f"core-{cfg.name}"))
+        except BaseException as e:
+            await stack.__aexit__(type(e), e, e.__traceback__)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for core in self.cores.values():
+            await core.close()
+
+    # -- processes -------------------------------------------------------------------------
+    def register(self, name: str, task: str = "") -> AgentProcess:
+        """Create a process-table entry; its id is the identity of every syscall it makes."""
+        process = AgentProcess(name=name, task=task, started=self._clock())
+        self.processes[process.id] = process
+        return process
+
+    async def run_agent(self, agent_cls: type[Agent], task: str, *, name: str | None = None) -> AgentProcess:
+        """Run one agent to completion. Its failure is recorded, never raised: one broken
+        agent must not take the others down."""
+        from aios.sdk.local import LocalClient
+
+        process = self.register(name or agent_cls.name, task)
+        agent = agent_cls(LocalClient(self, process))
+        try:
+            result = await agent.run(task)
+        except AIOSError as e:
+            process.exit(self._clock(), error=f"{e.code}: {e}")
+        except Exception as e:
+            process.exit(self._clock(), error=f"agent error: {type(e).__name__}: {e}")
+        else:
+            process.exit(self._clock(), result=result)
+        return process
+
+    # -- syscalls --------------------------------------------------------------------------
+    def core_for(self, model: str | None) -> LLMCore:
+        if self._stack is None:
+            raise KernelShutdown("the kernel is not running")
+        name = model or self.config.default_model
+        core = self.cores.get(name)
+        if core is None:
+            raise ModelNotFound(f"no LLM core named {name!r}; available: {', '.join(self.cores)}")
+        return core
+
+    async def llm(
+        self, process: AgentProcess, call: LLMCall, *, timeout: float | None = None
+    ) -> Completion:
+        """The LLM syscall: queue ``call`` for ``process`` and wait for its completion."""
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequest(f"timeout must be > 0 seconds, got {timeout!r}")
+        core = self.core_for(call.model)
+        request = core.submit(process.id, call)
+        process.current = request
+        completion: Completion | None = None
+        try:
+            async with asyncio.timeout(timeout or self.config.syscall_timeout):
+                completion = await asyncio.shield(request.future)
+            return completion
+        except TimeoutError:
+            core.cancel(request)
+            raise DeadlineExceeded(
+                f"{request.id} did not finish within {timeout or self.config.syscall_timeout:g}s "
+                f"({request.status.value}); its slot was released"
+            ) from None
+        except asyncio.CancelledError:
+            core.cancel(request)  # the caller went away: free the slot now
+            raise
+        finally:
+            process.current = None
+            process.account(request, completion)

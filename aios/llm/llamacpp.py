@@ -1,0 +1,209 @@
+"""The embedded engine: llama.cpp in-process, many sequences decoded in one batch per step.
+
+Uses llama.cpp's low-level API (the high-level ``Llama`` class only uses sequence 0): one model,
+one context with ``n_seq_max = slots`` and a unified KV cache shared by all sequences, one
+``llama_batch`` per step. Every method runs on the owning core's thread; nothing here is
+thread-safe, by design.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aios.config import CoreConfig
+from aios.errors import CoreError, InvalidRequest, ModelLoadError
+from aios.llm.engine import Sampled, SeqStart, StepPlan
+from aios.llm.models import resolve_model
+from aios.syscall import Message
+
+_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
+
+
+_log_callback: Any = None  # must stay referenced while llama.cpp may call it
+
+
+def _route_llama_logs(lc: Any) -> None:
+    """Send llama.cpp's log lines to the ``aios.llama`` logger instead of raw stderr: its errors
+    as errors, its load-time chatter (and expected warnings) at debug level."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    log = logging.getLogger("aios.llama")
+
+    @lc.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        log.log(logging.ERROR if level == 3 else logging.DEBUG, "%s", text.decode(errors="replace").rstrip())
+
+    _log_callback = callback
+    lc.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+class LlamaCppEngine:
+    """An :class:`~aios.llm.engine.Engine` on llama.cpp (CPU)."""
+
+    def __init__(self, config: CoreConfig) -> None:
+        import llama_cpp as lc  # imported here so that `aios --help` never loads llama.cpp
+
+        self._lc = lc
+        _route_llama_logs(lc)
+        path = resolve_model(config.model)
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {path} (is it a GGUF file?)")
+        self._model = model
+        self._vocab = lc.llama_model_get_vocab(model)
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = config.context_tokens
+        cparams.n_batch = config.batch_tokens
+        cparams.n_ubatch = config.batch_tokens
+        cparams.n_seq_max = config.slots
+        cparams.kv_unified = True  # sequences share one KV pool instead of n_ctx / n_seq each
+        cparams.n_threads = config.n_threads
+        cparams.n_threads_batch = config.n_threads
+        cparams.no_perf = True
+        ctx = lc.llama_init_from_model(model, cparams)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
+        self._ctx = ctx
+        self._mem = lc.llama_get_memory(ctx)
+        self._batch = lc.llama_batch_init(config.batch_tokens, 0, 1)
+        self._batch_cap = config.batch_tokens
+        self._samplers: dict[int, Any] = {}
+        self._piece = ctypes.create_string_buffer(256)
+        template = lc.llama_model_chat_template(model, None)
+        self._template: bytes | None = template or None
+
+        desc = ctypes.create_string_buffer(128)
+        lc.llama_model_desc(model, desc, len(desc))
+        self.model_name = config.model
+        self.description = desc.value.decode(errors="replace")
+        self.path = path
+        self.slots = config.slots
+        self.context_tokens = config.context_tokens
+        self.max_sequence_tokens = min(config.max_sequence_tokens, lc.llama_model_n_ctx_train(model))
+
+    # -- tokenization (read-only use of the vocabulary) -----------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenize(text.encode(), parse_special=False)
+
+    def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
+        if self._template is None:
+            raise InvalidRequest(
+                f"model {self.model_name!r} has no chat template (a base model): "
+                "send a completion 'prompt' instead of chat 'messages'"
+            )
+        lc = self._lc
+        chat = (lc.llama_chat_message * len(messages))()
+        keep = []  # the encoded strings must outlive the call
+        for i, m in enumerate(messages):
+            role, content = m.role.encode(), m.content.encode()
+            keep += [role, content]
+            chat[i].role, chat[i].content = role, content
+        size = lc.llama_chat_apply_template(self._template, chat, len(messages), True, None, 0)
+        if size < 0:
+            raise InvalidRequest(f"llama.cpp does not support the chat template of {self.model_name!r}")
+        buf = ctypes.create_string_buffer(size + 1)
+        lc.llama_chat_apply_template(self._template, chat, len(messages), True, buf, size + 1)
+        # parse_special: the template's role markers (<|im_start|> ...) are special tokens.
+        return self._tokenize(buf.raw[:size], parse_special=True)
+
+    def _tokenize(self, data: bytes, *, parse_special: bool) -> list[int]:
+        lc = self._lc
+        cap = len(data) + 8
+        for _ in range(2):
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, True, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n
+        raise CoreError("llama.cpp tokenization failed")
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, plan: StepPlan) -> list[Sampled]:
+        lc = self._lc
+        for slot in plan.releases:
+            self._release(slot)
+        for start in plan.starts:
+            self._release(start.slot)
+            self._samplers[start.slot] = self._make_sampler(start)
+
+        batch = self._batch
+        n = 0
+        outputs: list[tuple[int, int]] = []  # (slot, batch index whose logits we sample)
+        for item in plan.items:
+            if n + len(item.tokens) > self._batch_cap:
+                raise CoreError(f"step plan of {plan.n_tokens} tokens exceeds the batch size")
+            for j, token in enumerate(item.tokens):
+                batch.token[n] = token
+                batch.pos[n] = item.pos + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = item.slot
+                batch.logits[n] = 0
+                n += 1
+            if item.sample:
+                batch.logits[n - 1] = 1
+                outputs.append((item.slot, n - 1))
+        if n == 0:
+            return []
+        batch.n_tokens = n
+        rc = lc.llama_decode(self._ctx, batch)
+        if rc != 0:
+            # 1: no KV slot for the batch; <0: error. The KV state of this batch is undefined,
+            # so the core fails the requests in it and releases their sequences.
+            raise CoreError(f"llama_decode failed with code {rc}")
+        sampled = []
+        for slot, index in outputs:
+            token = lc.llama_sampler_sample(self._samplers[slot], self._ctx, index)
+            sampled.append(
+                Sampled(slot, token, self._token_piece(token), lc.llama_vocab_is_eog(self._vocab, token))
+            )
+        return sampled
+
+    def _make_sampler(self, start: SeqStart) -> Any:
+        lc = self._lc
+        params = start.params
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if params.json:
+            from llama_cpp.llama_grammar import JSON_GBNF
+
+            grammar = lc.llama_sampler_init_grammar(self._vocab, JSON_GBNF.encode(), b"root")
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise CoreError("llama.cpp rejected the JSON grammar")
+            lc.llama_sampler_chain_add(chain, grammar)
+        if params.greedy:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
+            seed = _DEFAULT_SEED if params.seed is None else params.seed
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        return chain
+
+    def _release(self, slot: int) -> None:
+        self._lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        sampler = self._samplers.pop(slot, None)
+        if sampler is not None:
+            self._lc.llama_sampler_free(sampler)
+
+    def _token_piece(self, token: int) -> bytes:
+        n = self._lc.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self._lc.llama_token_to_piece(self._vocab, token, self._piece, -n, 0, False)
+        return self._piece.raw[:n]
+
+    def close(self) -> None:
+        lc = self._lc
+        for slot in list(self._samplers):
+            self._release(slot)
+        lc.llama_batch_free(self._batch)
+        lc.llama_free(self._ctx)
+        lc.llama_model_free(self._model)

@@ -1,0 +1,62 @@
+"""``self.llm``: typed LLM calls that become syscalls on whatever client the agent runs on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from aios.syscall import Completion, LLMCall, Message, SamplingParams
+
+
+class SyscallClient(Protocol):
+    """How an agent reaches a kernel: in-process today, over HTTP with the same interface."""
+
+    async def llm(self, call: LLMCall, *, timeout: float | None = None) -> Completion: ...
+
+
+class LLM:
+    def __init__(self, client: SyscallClient) -> None:
+        self._client = client
+
+    async def chat(
+        self,
+        messages: Sequence[Message | dict[str, Any]],
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        json: bool = False,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Chat completion with the model's chat template. Greedy unless ``temperature > 0``;
+        ``json=True`` constrains the output to a JSON object."""
+        call = LLMCall(
+            messages=tuple(Message.coerce(m) for m in messages),
+            model=model,
+            params=SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop), json),
+        )
+        return await self._client.llm(call, timeout=timeout)
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        json: bool = False,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Raw text completion (for base models without a chat template)."""
+        call = LLMCall(
+            prompt=prompt,
+            model=model,
+            params=SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop), json),
+        )
+        return await self._client.llm(call, timeout=timeout)

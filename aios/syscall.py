@@ -1,0 +1,252 @@
+"""Syscall objects: typed payloads and the one request object that carries a call's state.
+
+A :class:`Syscall` is created by the kernel for every call an agent makes. It holds everything
+about that call: payload, status, timestamps, usage, and the future its caller awaits. Status
+changes only through the named transitions below, so "finished" is derived, never guessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import enum
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aios.errors import InvalidRequest
+
+Role = Literal["system", "user", "assistant"]
+ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
+
+
+class Status(enum.Enum):
+    """Life of a syscall: QUEUED -> RUNNING -> one of DONE, FAILED, CANCELLED."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Status.DONE, Status.FAILED, Status.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+    @staticmethod
+    def coerce(value: Message | dict[str, Any]) -> Message:
+        """Accept a Message or an OpenAI-style dict; reject anything else clearly."""
+        if isinstance(value, Message):
+            return value
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"a message must be a dict with 'role' and 'content', got {value!r}")
+        role, content = value.get("role"), value.get("content")
+        if role not in ROLES:
+            raise InvalidRequest(f"message role must be one of {sorted(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise InvalidRequest(f"message content must be a string, got {type(content).__name__}")
+        return Message(role, content)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate. ``max_tokens=None`` means: as many as the context allows, up to the
+    core's default. ``temperature=0`` is greedy decoding (deterministic)."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    json: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise InvalidRequest(f"temperature must be in [0, 10], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise InvalidRequest(f"seed must be in [0, 2**32), got {self.seed!r}")
+        if len(self.stop) > 8 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequest("stop must be at most 8 non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class LLMCall:
+    """Payload of an LLM syscall: chat ``messages`` (rendered with the model's chat template)
+    or a raw ``prompt`` (completion, for base models), exactly one of the two."""
+
+    messages: tuple[Message, ...] = ()
+    prompt: str | None = None
+    model: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if bool(self.messages) == (self.prompt is not None):
+            raise InvalidRequest("give exactly one of 'messages' (chat) or 'prompt' (completion)")
+        if self.prompt is not None and not self.prompt:
+            raise InvalidRequest("prompt must not be empty")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    """Monotonic clock readings (seconds). ``None`` until the event happens."""
+
+    submitted: float
+    admitted: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def waited(self) -> float:
+        """Time spent queued before admission (so far, if never admitted)."""
+        end = self.admitted if self.admitted is not None else self.finished
+        return 0.0 if end is None else end - self.submitted
+
+
+@dataclass(frozen=True)
+class Completion:
+    """Result of an LLM syscall."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    timings: Timings
+    model: str
+    syscall_id: str
+
+
+_ids = itertools.count(1)
+
+
+class Syscall:
+    """Base request object: identity, status, timings and the caller's future."""
+
+    kind: str = "syscall"
+
+    def __init__(self, agent: str, now: float, *, priority: int = 0) -> None:
+        self.id = f"sc-{next(_ids)}"
+        self.agent = agent
+        self.priority = priority
+        self.status = Status.QUEUED
+        self.timings = Timings(submitted=now)
+        self.error: BaseException | None = None
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    # -- transitions ---------------------------------------------------------------------
+    def admit(self, now: float) -> None:
+        assert self.status is Status.QUEUED, self.status
+        self.status = Status.RUNNING
+        self.timings.admitted = now
+
+    def complete(self, now: float, result: Any) -> None:
+        self._end(Status.DONE, now)
+        if not self.future.done():
+            self.future.set_result(result)
+
+    def fail(self, now: float, error: BaseException) -> None:
+        self.error = error
+        self._end(Status.FAILED, now)
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def cancel(self, now: float) -> None:
+        self._end(Status.CANCELLED, now)
+        self.future.cancel()
+
+    def _end(self, status: Status, now: float) -> None:
+        assert not self.status.finished, f"{self.id} already {self.status.value}"
+        self.status = status
+        self.timings.finished = now
+
+
+class LLMRequest(Syscall):
+    """An LLM syscall and all of its generation state on a core."""
+
+    kind = "llm"
+
+    def __init__(
+        self,
+        agent: str,
+        now: float,
+        call: LLMCall,
+        prompt_tokens: list[int],
+        max_tokens: int,
+        *,
+        priority: int = 0,
+    ) -> None:
+        super().__init__(agent, now, priority=priority)
+        self.call = call
+        self.params = call.params
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.output_tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: Literal["stop", "length"] | None = None
+        self.slot: int | None = None
+        self.n_prefilled = 0  # prompt tokens already in the KV cache
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @property
+    def kv_need(self) -> int:
+        """KV cells this request may occupy at most (reserved on admission)."""
+        return len(self.prompt_tokens) + self.max_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_prefilled < len(self.prompt_tokens)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_tokens), len(self.output_tokens))
+
+    def append(self, token: int, piece: bytes) -> None:
+        """Record one sampled token and its text, then apply stop strings and JSON mode."""
+        self.output_tokens.append(token)
+        before = len(self.text)
+        self.text += self._utf8.decode(piece)
+        for stop in self.params.stop:
+            # Search only where a new match can start: the new text plus a stop-length overlap.
+            at = self.text.find(stop, max(0, before - len(stop) + 1))
+            if at >= 0:
+                self.text = self.text[:at]
+                self.finish_reason = "stop"
+                return
+        if self.params.json and self.text.rstrip().endswith("}") and _is_json(self.text):
+            self.finish_reason = "stop"
+        elif len(self.output_tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
