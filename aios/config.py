@@ -31,10 +31,21 @@ class CoreConfig:
     max_queue: int = 4096
 
     def __post_init__(self) -> None:
-        if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ConfigError(f"core name must be letters, digits, '-', '_' or '.', got {self.name!r}")
-        for name in ("slots", "context_tokens", "max_sequence_tokens", "batch_tokens",
-                     "default_max_tokens", "max_queue"):
+        if (
+            not self.name
+            or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+        ):
+            raise ConfigError(
+                f"core name must be letters, digits, '-', '_' or '.', got {self.name!r}"
+            )
+        for name in (
+            "slots",
+            "context_tokens",
+            "max_sequence_tokens",
+            "batch_tokens",
+            "default_max_tokens",
+            "max_queue",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"core {self.name!r}: {name} must be >= 1")
         if not 1 <= self.slots <= 256:
@@ -72,7 +83,9 @@ class KernelConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"core names must be unique, got {names}")
         if self.policy not in POLICIES:
-            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+            raise ConfigError(
+                f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}"
+            )
         if not self.syscall_timeout > 0:
             raise ConfigError("syscall_timeout must be > 0 seconds")
 

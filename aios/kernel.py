@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -51,18 +50,13 @@ class Kernel:
         self.processes: dict[str, AgentProcess] = {}
         self._engine_factory = engine_factory
         self._clock = clock
-        self._stack: AsyncExitStack | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: asyncio.TaskGroup | None = None
+        self._loops: list[asyncio.Task[None]] = []
 
     # -- lifespan --------------------------------------------------------------------------
     async def __aenter__(self) -> Kernel:
-        stack = AsyncExitStack()
-        await stack.__aenter__()
         try:
-            tasks = await stack.enter_async_context(asyncio.TaskGroup())
-            # Unwinds before the TaskGroup exits: cancel the loops, fail what is in flight.
-            stack.push_async_callback(self._shutdown)
-            for cfg in self.config.cores:
+            for cfg in self.config.cores:  # load every model before anything runs
                 core = LLMCore(
                     cfg,
                     lambda cfg=cfg: self._engine_factory(cfg),  # type: ignore[misc]
@@ -71,11 +65,14 @@ class Kernel:
                 )
                 self.cores[cfg.name] = core
                 await core.start()
-                self._tasks.append(tasks.create_task(core.run(), name=f"core-{cfg.name}"))
-        except BaseException as e:
-            await stack.__aexit__(type(e), e, e.__traceback__)
+        except BaseException:
+            await self._close_cores()
             raise
-        self._stack = stack
+        # One TaskGroup owns the kernel's long-lived tasks (the cores' decode loops).
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        for name, core in self.cores.items():
+            self._loops.append(self._tasks.create_task(core.run(), name=f"core-{name}"))
         return self
 
     async def __aexit__(
@@ -84,13 +81,16 @@ class Kernel:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.__aexit__(exc_type, exc, tb)
+        """Shutdown is cancellation: stop the loops, fail what is in flight, free the models.
+        The body's own exception propagates unchanged (not wrapped in an ExceptionGroup)."""
+        tasks, self._tasks = self._tasks, None
+        for loop in self._loops:
+            loop.cancel()
+        await self._close_cores()
+        if tasks is not None:
+            await tasks.__aexit__(None, None, None)
 
-    async def _shutdown(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+    async def _close_cores(self) -> None:
         for core in self.cores.values():
             await core.close()
 
@@ -101,7 +101,9 @@ class Kernel:
         self.processes[process.id] = process
         return process
 
-    async def run_agent(self, agent_cls: type[Agent], task: str, *, name: str | None = None) -> AgentProcess:
+    async def run_agent(
+        self, agent_cls: type[Agent], task: str, *, name: str | None = None
+    ) -> AgentProcess:
         """Run one agent to completion. Its failure is recorded, never raised: one broken
         agent must not take the others down."""
         from aios.sdk.local import LocalClient
@@ -120,7 +122,7 @@ class Kernel:
 
     # -- syscalls --------------------------------------------------------------------------
     def core_for(self, model: str | None) -> LLMCore:
-        if self._stack is None:
+        if self._tasks is None:
             raise KernelShutdown("the kernel is not running")
         name = model or self.config.default_model
         core = self.cores.get(name)
@@ -140,8 +142,9 @@ class Kernel:
         completion: Completion | None = None
         try:
             async with asyncio.timeout(timeout or self.config.syscall_timeout):
-                completion = await asyncio.shield(request.future)
-            return completion
+                result: Completion = await asyncio.shield(request.future)
+            completion = result
+            return result
         except TimeoutError:
             core.cancel(request)
             raise DeadlineExceeded(

@@ -46,13 +46,15 @@ class Message:
         if isinstance(value, Message):
             return value
         if not isinstance(value, dict):
-            raise InvalidRequest(f"a message must be a dict with 'role' and 'content', got {value!r}")
+            raise InvalidRequest(
+                f"a message must be a dict with 'role' and 'content', got {value!r}"
+            )
         role, content = value.get("role"), value.get("content")
         if role not in ROLES:
             raise InvalidRequest(f"message role must be one of {sorted(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise InvalidRequest(f"message content must be a string, got {type(content).__name__}")
-        return Message(role, content)  # type: ignore[arg-type]
+        return Message(role, content)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ there is nothing to do the loop waits on an event: it never polls.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from aios.errors import (
 from aios.llm.engine import BatchItem, Engine, Sampled, SeqStart, StepPlan
 from aios.scheduler import Capacity, Policy
 from aios.syscall import Completion, LLMCall, LLMRequest, Status
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,7 +65,9 @@ class LLMCore:
         self._engine: Engine | None = None
         # One thread owns the model: llama.cpp contexts are not thread-safe, and two
         # inference threads on a small machine fight for the same cores.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"aios-core-{self.name}")
+        self._thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"aios-core-{self.name}"
+        )
         self._waiting: deque[LLMRequest] = deque()
         self._running: list[LLMRequest] = []
         self._by_slot: dict[int, LLMRequest] = {}
@@ -71,6 +76,7 @@ class LLMCore:
         self._reserved_kv = 0
         self._wake = asyncio.Event()
         self._closed = False
+        self._dead: CoreError | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -101,9 +107,13 @@ class LLMCore:
         """Validate and enqueue an LLM call; raise a typed error if it can never run."""
         if self._closed:
             raise KernelShutdown("the kernel is shutting down")
+        if self._dead is not None:
+            raise self._dead
         engine = self.engine
         if len(self._waiting) >= self.config.max_queue:
-            raise Overloaded(f"core {self.name!r} has {len(self._waiting)} calls queued; retry later")
+            raise Overloaded(
+                f"core {self.name!r} has {len(self._waiting)} calls queued; retry later"
+            )
         if call.messages:
             tokens = engine.tokenize_chat(call.messages)
         else:
@@ -149,8 +159,9 @@ class LLMCore:
         try:
             await self._loop()
         except Exception as e:  # a bug in the loop itself: no caller may be left hanging
-            self._fail_all(CoreError(f"core {self.name!r} stopped: {type(e).__name__}: {e}"))
-            raise
+            log.exception("core %r stopped", self.name)
+            self._dead = CoreError(f"core {self.name!r} stopped: {type(e).__name__}: {e}")
+            self._fail_all(self._dead)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

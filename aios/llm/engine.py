@@ -57,6 +57,7 @@ class Engine(Protocol):
     """Runs one model for up to ``slots`` concurrent sequences."""
 
     model_name: str
+    description: str
     slots: int
     context_tokens: int
     max_sequence_tokens: int

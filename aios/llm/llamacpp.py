@@ -26,8 +26,9 @@ _log_callback: Any = None  # must stay referenced while llama.cpp may call it
 
 
 def _route_llama_logs(lc: Any) -> None:
-    """Send llama.cpp's log lines to the ``aios.llama`` logger instead of raw stderr: its errors
-    as errors, its load-time chatter (and expected warnings) at debug level."""
+    """Send llama.cpp's log lines to the ``aios.llama`` logger at debug level instead of raw
+    stderr. Its levels are unreliable (benign warnings arrive as errors) and every real failure
+    also shows as a return code that the engine turns into a typed error."""
     global _log_callback
     if _log_callback is not None:
         return
@@ -35,7 +36,7 @@ def _route_llama_logs(lc: Any) -> None:
 
     @lc.llama_log_callback  # type: ignore[untyped-decorator]
     def callback(level: int, text: bytes, user_data: Any) -> None:
-        log.log(logging.ERROR if level == 3 else logging.DEBUG, "%s", text.decode(errors="replace").rstrip())
+        log.debug("%s", text.decode(errors="replace").rstrip())
 
     _log_callback = callback
     lc.llama_log_set(callback, ctypes.c_void_p(0))
@@ -87,7 +88,9 @@ class LlamaCppEngine:
         self.path = path
         self.slots = config.slots
         self.context_tokens = config.context_tokens
-        self.max_sequence_tokens = min(config.max_sequence_tokens, lc.llama_model_n_ctx_train(model))
+        self.max_sequence_tokens = min(
+            config.max_sequence_tokens, lc.llama_model_n_ctx_train(model)
+        )
 
     # -- tokenization (read-only use of the vocabulary) -----------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -108,7 +111,9 @@ class LlamaCppEngine:
             chat[i].role, chat[i].content = role, content
         size = lc.llama_chat_apply_template(self._template, chat, len(messages), True, None, 0)
         if size < 0:
-            raise InvalidRequest(f"llama.cpp does not support the chat template of {self.model_name!r}")
+            raise InvalidRequest(
+                f"llama.cpp does not support the chat template of {self.model_name!r}"
+            )
         buf = ctypes.create_string_buffer(size + 1)
         lc.llama_chat_apply_template(self._template, chat, len(messages), True, buf, size + 1)
         # parse_special: the template's role markers (<|im_start|> ...) are special tokens.
@@ -162,7 +167,9 @@ class LlamaCppEngine:
         for slot, index in outputs:
             token = lc.llama_sampler_sample(self._samplers[slot], self._ctx, index)
             sampled.append(
-                Sampled(slot, token, self._token_piece(token), lc.llama_vocab_is_eog(self._vocab, token))
+                Sampled(
+                    slot, token, self._token_piece(token), lc.llama_vocab_is_eog(self._vocab, token)
+                )
             )
         return sampled
 
@@ -194,7 +201,9 @@ class LlamaCppEngine:
             self._lc.llama_sampler_free(sampler)
 
     def _token_piece(self, token: int) -> bytes:
-        n = self._lc.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        n = self._lc.llama_token_to_piece(
+            self._vocab, token, self._piece, len(self._piece), 0, False
+        )
         if n < 0:
             self._piece = ctypes.create_string_buffer(-n)
             n = self._lc.llama_token_to_piece(self._vocab, token, self._piece, -n, 0, False)

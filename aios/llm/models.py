@@ -25,7 +25,9 @@ def data_dir() -> Path:
 def _package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(f"package {package!r} is not installed; run: pip install {install_hint}")
+        raise ModelNotFound(
+            f"package {package!r} is not installed; run: pip install {install_hint}"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -11,12 +11,12 @@ from aios.sdk.llm import LLM, SyscallClient
 class Agent(ABC):
     """Subclass, set ``name``, and implement ``run``; every LLM call goes through the kernel.
 
-        class Echo(Agent):
-            name = "echo"
+    class Echo(Agent):
+        name = "echo"
 
-            async def run(self, task: str) -> str:
-                reply = await self.llm.chat([{"role": "user", "content": task}])
-                return reply.text
+        async def run(self, task: str) -> str:
+            reply = await self.llm.chat([{"role": "user", "content": task}])
+            return reply.text
     """
 
     name: ClassVar[str] = "agent"
