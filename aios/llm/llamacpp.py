@@ -42,6 +42,23 @@ def _route_llama_logs(lc: Any) -> None:
     lc.llama_log_set(callback, ctypes.c_void_p(0))
 
 
+def apply_chat_template(lc: Any, template: bytes, messages: Sequence[Message]) -> bytes | None:
+    """Render ``messages`` with a GGUF chat template (llama.cpp's built-in renderer), ending
+    with the assistant's turn; ``None`` if llama.cpp does not know the template."""
+    chat = (lc.llama_chat_message * len(messages))()
+    keep = []  # the encoded strings must outlive the call
+    for i, m in enumerate(messages):
+        role, content = m.role.encode(), m.content.encode()
+        keep += [role, content]
+        chat[i].role, chat[i].content = role, content
+    size = lc.llama_chat_apply_template(template, chat, len(messages), True, None, 0)
+    if size < 0:
+        return None
+    buf = ctypes.create_string_buffer(size + 1)
+    lc.llama_chat_apply_template(template, chat, len(messages), True, buf, size + 1)
+    return buf.raw[:size]
+
+
 class LlamaCppEngine:
     """An :class:`~aios.llm.engine.Engine` on llama.cpp (CPU)."""
 
@@ -102,22 +119,13 @@ class LlamaCppEngine:
                 f"model {self.model_name!r} has no chat template (a base model): "
                 "send a completion 'prompt' instead of chat 'messages'"
             )
-        lc = self._lc
-        chat = (lc.llama_chat_message * len(messages))()
-        keep = []  # the encoded strings must outlive the call
-        for i, m in enumerate(messages):
-            role, content = m.role.encode(), m.content.encode()
-            keep += [role, content]
-            chat[i].role, chat[i].content = role, content
-        size = lc.llama_chat_apply_template(self._template, chat, len(messages), True, None, 0)
-        if size < 0:
+        prompt = apply_chat_template(self._lc, self._template, messages)
+        if prompt is None:
             raise InvalidRequest(
                 f"llama.cpp does not support the chat template of {self.model_name!r}"
             )
-        buf = ctypes.create_string_buffer(size + 1)
-        lc.llama_chat_apply_template(self._template, chat, len(messages), True, buf, size + 1)
         # parse_special: the template's role markers (<|im_start|> ...) are special tokens.
-        return self._tokenize(buf.raw[:size], parse_special=True)
+        return self._tokenize(prompt, parse_special=True)
 
     def _tokenize(self, data: bytes, *, parse_special: bool) -> list[int]:
         lc = self._lc
