@@ -264,21 +264,27 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
     }
 
 
+COLUMNS = [
+    ("agents", "agents", "{}"),
+    ("direct agents/min", "direct_agents_per_min", "{:.1f}"),
+    ("kernel agents/min", "kernel_agents_per_min", "{:.1f}"),
+    ("kernel/direct", "kernel_over_direct", "{:.2f}x"),
+    ("direct tok/s", "direct_tokens_per_s", "{:.1f}"),
+    ("kernel tok/s", "kernel_tokens_per_s", "{:.1f}"),
+    ("direct mean s", "direct_turnaround_mean_s", "{:.1f}"),
+    ("direct p95 s", "direct_turnaround_p95_s", "{:.1f}"),
+    ("kernel mean s", "kernel_turnaround_mean_s", "{:.1f}"),
+    ("kernel p95 s", "kernel_turnaround_p95_s", "{:.1f}"),
+    ("limit decode tok/s", "limit_decode_tokens_per_s", "{:.1f}"),
+    ("kernel decode tok/s", "kernel_decode_tokens_per_s", "{:.1f}"),
+    ("kernel/limit", "kernel_decode_over_limit", "{:.0%}"),
+]
+
+
 def table(result: dict[str, Any]) -> str:
-    lines = [
-        "| agents | direct agents/min | kernel agents/min | kernel/direct | direct tok/s | kernel tok/s "
-        "| direct mean / p95 s | kernel mean / p95 s | limit decode tok/s | kernel decode tok/s | kernel/limit |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
     for r in result["medians"]:
-        lines.append(
-            f"| {r['agents']} | {r['direct_agents_per_min']:.1f} | {r['kernel_agents_per_min']:.1f} "
-            f"| {r['kernel_over_direct']:.2f}x | {r['direct_tokens_per_s']:.1f} | {r['kernel_tokens_per_s']:.1f} "
-            f"| {r['direct_turnaround_mean_s']:.1f} / {r['direct_turnaround_p95_s']:.1f} "
-            f"| {r['kernel_turnaround_mean_s']:.1f} / {r['kernel_turnaround_p95_s']:.1f} "
-            f"| {r['limit_decode_tokens_per_s']:.1f} | {r['kernel_decode_tokens_per_s']:.1f} "
-            f"| {100 * r['kernel_decode_over_limit']:.0f}% |"
-        )
+        lines.append("| " + " | ".join(fmt.format(r[key]) for _, key, fmt in COLUMNS) + " |")
     return "\n".join(lines)
 
 
