@@ -50,11 +50,11 @@ class Message:
                 f"a message must be a dict with 'role' and 'content', got {value!r}"
             )
         role, content = value.get("role"), value.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidRequest(f"message role must be one of {sorted(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise InvalidRequest(f"message content must be a string, got {type(content).__name__}")
-        return Message(role, content)
+        return Message(role, content)  # type: ignore[arg-type]  # checked against ROLES
 
 
 @dataclass(frozen=True)
@@ -71,15 +71,18 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p"):
+            if not isinstance(getattr(self, name), int | float) or isinstance(
+                getattr(self, name), bool
+            ):
+                raise InvalidRequest(f"{name} must be a number, got {getattr(self, name)!r}")
         if not 0.0 <= self.temperature <= 10.0:
             raise InvalidRequest(f"temperature must be in [0, 10], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**32:
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
             raise InvalidRequest(f"seed must be in [0, 2**32), got {self.seed!r}")
         if len(self.stop) > 8 or any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest("stop must be at most 8 non-empty strings")
@@ -233,17 +236,25 @@ class LLMRequest(Syscall):
         self.output_tokens.append(token)
         before = len(self.text)
         self.text += self._utf8.decode(piece)
-        for stop in self.params.stop:
-            # Search only where a new match can start: the new text plus a stop-length overlap.
-            at = self.text.find(stop, max(0, before - len(stop) + 1))
-            if at >= 0:
-                self.text = self.text[:at]
-                self.finish_reason = "stop"
-                return
+        # Search only where a new match can start (the new text plus a stop-length overlap);
+        # the earliest match in the text wins, whatever the order of the stop strings.
+        hits = [
+            at
+            for stop in self.params.stop
+            if (at := self.text.find(stop, max(0, before - len(stop) + 1))) >= 0
+        ]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish_reason = "stop"
+            return
         if self.params.json and self.text.rstrip().endswith("}") and _is_json(self.text):
             self.finish_reason = "stop"
         elif len(self.output_tokens) >= self.max_tokens:
             self.finish_reason = "length"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_json(text: str) -> bool:

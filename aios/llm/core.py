@@ -96,10 +96,13 @@ class LLMCore:
             return
         self._closed = True
         self._fail_all(KernelShutdown("the kernel shut down before the call finished"))
-        if self._engine is not None:
-            # Queued behind any step still running on the thread, so it never races it.
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._engine.close)
-            self._engine = None
+        if self._engine is None:
+            # Start-up was cancelled mid-load: never block the event loop waiting for it.
+            self._thread.shutdown(wait=False)
+            return
+        # Queued behind any step still running on the thread, so it never races it.
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._engine.close)
+        self._engine = None
         self._thread.shutdown(wait=True)
 
     # -- syscall entry ---------------------------------------------------------------------
@@ -232,7 +235,6 @@ class LLMCore:
                 stats.decode_tokens += 1
             else:
                 stats.prefill_tokens += len(item.tokens)
-        self._free_slots.extend(plan.releases)
         for s in sampled:
             request = self._by_slot.get(s.slot)
             if request is None:  # cancelled while the step ran
@@ -260,10 +262,13 @@ class LLMCore:
         )
 
     def _unbind(self, request: LLMRequest) -> None:
-        """Take a running request off its slot; the slot is cleared by the next step."""
+        """Take a running request off its slot. The slot is free for the very next admission
+        (the engine clears a slot before starting a sequence on it); the next step also
+        releases it eagerly so its KV cells return to the shared pool even if nobody waits."""
         assert request.slot is not None
         self._running.remove(request)
         del self._by_slot[request.slot]
+        self._free_slots.append(request.slot)
         self._releasing.append(request.slot)
         self._reserved_kv -= request.kv_need
 
@@ -278,7 +283,6 @@ class LLMCore:
     def _fail_plan(self, plan: StepPlan, error: AIOSError) -> None:
         """A step failed: its requests fail with ``error``; their slots are released."""
         now = self._clock()
-        self._free_slots.extend(plan.releases)
         for item in plan.items:
             request = self._by_slot.get(item.slot)
             if request is not None:

@@ -27,7 +27,7 @@ class LLM:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Iterable[str] = (),
+        stop: str | Iterable[str] = (),
         json: bool = False,
         timeout: float | None = None,
     ) -> Completion:
@@ -36,7 +36,7 @@ class LLM:
         call = LLMCall(
             messages=tuple(Message.coerce(m) for m in messages),
             model=model,
-            params=SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop), json),
+            params=SamplingParams(max_tokens, temperature, top_p, seed, _stops(stop), json),
         )
         return await self._client.llm(call, timeout=timeout)
 
@@ -49,7 +49,7 @@ class LLM:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Iterable[str] = (),
+        stop: str | Iterable[str] = (),
         json: bool = False,
         timeout: float | None = None,
     ) -> Completion:
@@ -57,6 +57,11 @@ class LLM:
         call = LLMCall(
             prompt=prompt,
             model=model,
-            params=SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop), json),
+            params=SamplingParams(max_tokens, temperature, top_p, seed, _stops(stop), json),
         )
         return await self._client.llm(call, timeout=timeout)
+
+
+def _stops(stop: str | Iterable[str]) -> tuple[str, ...]:
+    """One string is one stop string (OpenAI style), not a set of characters."""
+    return (stop,) if isinstance(stop, str) else tuple(stop)
