@@ -281,16 +281,12 @@ class LLMCore:
         self._by_slot.clear()
 
     def _fail_plan(self, plan: StepPlan, error: AIOSError) -> None:
-        """A step failed: its requests fail with ``error``; their slots are released."""
+        """A step failed: every request in it (fed tokens, or just admitted) fails with
+        ``error``; their slots are released."""
         now = self._clock()
-        for item in plan.items:
-            request = self._by_slot.get(item.slot)
-            if request is not None:
-                self._unbind(request)
-                self.stats.failed += 1
-                request.fail(now, error)
-        for start in plan.starts:  # admitted but never reached a batch item
-            request = self._by_slot.get(start.slot)
+        slots = dict.fromkeys([i.slot for i in plan.items] + [s.slot for s in plan.starts])
+        for slot in slots:
+            request = self._by_slot.get(slot)
             if request is not None:
                 self._unbind(request)
                 self.stats.failed += 1
