@@ -62,9 +62,11 @@ def _run(coro: Coroutine[Any, Any, T], verbose: bool = False) -> T:
         raise typer.Exit(130) from None
 
 
-def _kernel_config(model: str, slots: int, policy: str = "fifo") -> KernelConfig:
+def _kernel_config(model: str, slots: int, policy: str = "fifo", quantum: int = 32) -> KernelConfig:
     return KernelConfig(
-        cores=(CoreConfig(name="default", model=model, slots=slots),), policy=policy
+        cores=(CoreConfig(name="default", model=model, slots=slots),),
+        policy=policy,
+        quantum_tokens=quantum,
     )
 
 
@@ -79,20 +81,31 @@ def run(
     policy: Annotated[
         str, typer.Option(help=f"Scheduling policy: {', '.join(POLICIES)}.")
     ] = "fifo",
+    quantum: Annotated[
+        int,
+        typer.Option(
+            help="Tokens a request runs before it may be pre-empted (rr, priority, fair)."
+        ),
+    ] = 32,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start a kernel on the embedded model and run N example agents concurrently.
 
-    Example: aios run --agents 8 --agent writer
+    Example: aios run --agents 8 --agent writer --policy rr --quantum 16
     """
     if agents < 1:
         raise typer.BadParameter("--agents must be >= 1")
-    _run(_run_agents(agents, agent, _kernel_config(model, slots, policy)), verbose)
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"--policy must be one of {', '.join(POLICIES)}")
+    if quantum < 1:
+        raise typer.BadParameter("--quantum must be >= 1")
+    _run(_run_agents(agents, agent, _kernel_config(model, slots, policy, quantum)), verbose)
 
 
 async def _run_agents(n: int, agent: str, config: KernelConfig) -> None:
     from aios.agents import AGENTS, get_agent, tasks_for
     from aios.kernel import Kernel
+    from aios.llm.core import LLMCore
 
     kinds = list(AGENTS.values()) if agent == "mixed" else [get_agent(agent)]
     jobs = []
@@ -103,9 +116,10 @@ async def _run_agents(n: int, agent: str, config: KernelConfig) -> None:
 
     async with Kernel(config) as kernel:
         core = kernel.cores["default"]
+        assert isinstance(core, LLMCore)  # _kernel_config builds one embedded core
         err.print(
-            f"kernel up: model {core.engine.description} ({config.cores[0].model}), "
-            f"{config.cores[0].slots} slots, policy {config.policy}"
+            f"kernel up: model {core.engine.description} ({core.config.model}), "
+            f"{core.config.slots} slots, policy {config.policy}"
         )
         started = time.monotonic()
         with Live(

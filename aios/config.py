@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass, field
 
 from aios.errors import ConfigError
+from aios.quota import Quota
 
-POLICIES = ("fifo",)
+POLICIES = ("fifo", "rr", "priority", "fair", "spf")
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,18 @@ class CoreConfig:
     name: str = "smollm2"
     model: str = "smollm2-135m"
     slots: int = 16
+    cache_slots: int = 32  # extra KV sequences that only keep idle agents' KV for reuse
     context_tokens: int = 16384
     max_sequence_tokens: int = 4096
     batch_tokens: int = 512
     threads: int = 0  # 0: one per CPU core
     default_max_tokens: int = 256
     max_queue: int = 4096
+    kv_reuse: bool = True  # keep an agent's KV between its calls; share common prefixes
+    cache_tokens: int = 2048  # idle KV kept in the cache; beyond it, idle KV is parked
+    max_parked: int = 256  # idle contexts kept in the snapshot store (0: drop instead)
+    snapshot_ram_mb: int = 512  # pre-empted contexts beyond this spill to disk
+    spill_dir: str | None = None  # None: a private temporary directory
 
     def __post_init__(self) -> None:
         if (
@@ -50,8 +57,17 @@ class CoreConfig:
                 raise ConfigError(f"core {self.name!r}: {name} must be >= 1")
         if not 1 <= self.slots <= 256:
             raise ConfigError(f"core {self.name!r}: slots must be in [1, 256], got {self.slots}")
+        if not 0 <= self.cache_slots <= 256 - self.slots:
+            raise ConfigError(
+                f"core {self.name!r}: cache_slots must be in [0, {256 - self.slots}] "
+                f"(slots + cache_slots <= 256), got {self.cache_slots}"
+            )
         if self.threads < 0:
             raise ConfigError(f"core {self.name!r}: threads must be >= 0")
+        if self.cache_tokens < 0 or self.max_parked < 0:
+            raise ConfigError(f"core {self.name!r}: cache_tokens and max_parked must be >= 0")
+        if self.snapshot_ram_mb < 0:
+            raise ConfigError(f"core {self.name!r}: snapshot_ram_mb must be >= 0")
         if self.max_sequence_tokens > self.context_tokens:
             raise ConfigError(
                 f"core {self.name!r}: max_sequence_tokens ({self.max_sequence_tokens}) exceeds "
@@ -64,17 +80,117 @@ class CoreConfig:
             )
 
     @property
+    def kv_sequences(self) -> int:
+        """Sequences in the engine's KV cache: running slots plus cache-only slots."""
+        return self.slots + self.cache_slots
+
+    @property
     def n_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
-class KernelConfig:
-    """The kernel: its LLM cores, the scheduling policy and the default syscall deadline."""
+class RemoteCoreConfig:
+    """A remote LLM core: any OpenAI-compatible server (vLLM, SGLang, Ollama, llama-server,
+    llama-cpp-python's server, OpenAI).
 
-    cores: tuple[CoreConfig, ...] = field(default_factory=lambda: (CoreConfig(),))
+    ``base_url`` ends where the OpenAI API paths start (``http://host:8000/v1``); ``model`` is
+    the server's model id. ``api_key_env`` names the environment variable holding the key (read
+    when the core starts; the key itself never appears in a config, a log or an error).
+    At most ``max_inflight`` HTTP requests run at once; the rest wait in the core's queue under
+    the kernel's scheduling policy. Connection errors, 429 and 5xx are retried ``retries``
+    times with exponential backoff (``backoff`` seconds doubling up to ``max_backoff``, with
+    jitter). ``chat_resume`` says how a pre-empted chat call resumes from its partial text:
+    ``"assistant"`` (a trailing assistant message: exact on servers that treat it as a prefill,
+    approximate on plain chat APIs) or ``"continue_final_message"`` (vLLM/SGLang: exact).
+    """
+
+    name: str
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    max_inflight: int = 4
+    max_queue: int = 4096
+    connect_timeout: float = 5.0
+    read_timeout: float = 120.0  # longest silence allowed between two streamed chunks
+    retries: int = 3
+    backoff: float = 0.25
+    max_backoff: float = 8.0
+    default_max_tokens: int = 256
+    chat_resume: str = "assistant"
+
+    def __post_init__(self) -> None:
+        _check_core_name(self.name)
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"core {self.name!r}: base_url must start with http:// or https://, "
+                f"got {self.base_url!r}"
+            )
+        if not self.model:
+            raise ConfigError(f"core {self.name!r}: model (the server's model id) is required")
+        for name in ("max_inflight", "max_queue", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"core {self.name!r}: {name} must be >= 1")
+        if self.retries < 0:
+            raise ConfigError(f"core {self.name!r}: retries must be >= 0")
+        for name in ("connect_timeout", "read_timeout", "backoff", "max_backoff"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"core {self.name!r}: {name} must be > 0 seconds")
+        if self.chat_resume not in CHAT_RESUME:
+            raise ConfigError(
+                f"core {self.name!r}: chat_resume must be one of {', '.join(CHAT_RESUME)}, "
+                f"got {self.chat_resume!r}"
+            )
+
+
+CHAT_RESUME = ("assistant", "continue_final_message")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """A router: one model name served by several cores (embedded or remote, named in
+    ``KernelConfig.cores``). Calls go to the least-loaded core, an agent stays on the core it
+    used last (which holds its KV) unless that core's load (queued + active, per unit of
+    capacity) exceeds the lightest one's by more than ``affinity_slack``, and the calls of a
+    core that fails are resubmitted to the others. A failed core is skipped for ``down_seconds``.
+    """
+
+    name: str
+    cores: tuple[str, ...]
+    affinity_slack: float = 1.0
+    down_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_core_name(self.name)
+        if not self.cores:
+            raise ConfigError(f"router {self.name!r} needs at least one core")
+        if len(set(self.cores)) != len(self.cores):
+            raise ConfigError(f"router {self.name!r}: core names repeat in {list(self.cores)}")
+        if not self.affinity_slack >= 0:
+            raise ConfigError(f"router {self.name!r}: affinity_slack must be >= 0")
+        if not self.down_seconds >= 0:
+            raise ConfigError(f"router {self.name!r}: down_seconds must be >= 0")
+
+
+AnyCoreConfig = CoreConfig | RemoteCoreConfig | RouterConfig
+
+
+def _check_core_name(name: str) -> None:
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"core name must be letters, digits, '-', '_' or '.', got {name!r}")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The kernel: its LLM cores, the scheduling policy (and its parameters), the default
+    syscall deadline and the per-agent quota."""
+
+    cores: tuple[AnyCoreConfig, ...] = field(default_factory=lambda: (CoreConfig(),))
     policy: str = "fifo"
     syscall_timeout: float = 600.0
+    quantum_tokens: int = 32  # tokens run before a request may be pre-empted (rr, priority, fair)
+    aging_seconds: float = 5.0  # waiting this long gains one priority level (priority, spf)
+    quota: Quota = field(default_factory=Quota)  # per agent; default: no limits
 
     def __post_init__(self) -> None:
         if not self.cores:
@@ -82,12 +198,28 @@ class KernelConfig:
         names = [c.name for c in self.cores]
         if len(set(names)) != len(names):
             raise ConfigError(f"core names must be unique, got {names}")
+        for router in self.cores:
+            if isinstance(router, RouterConfig):
+                kinds = {c.name: c for c in self.cores}
+                for member in router.cores:
+                    if member not in kinds:
+                        raise ConfigError(f"router {router.name!r}: no core named {member!r}")
+                    if isinstance(kinds[member], RouterConfig):
+                        raise ConfigError(
+                            f"router {router.name!r}: member {member!r} is a router itself"
+                        )
         if self.policy not in POLICIES:
             raise ConfigError(
                 f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}"
             )
         if not self.syscall_timeout > 0:
             raise ConfigError("syscall_timeout must be > 0 seconds")
+        if isinstance(self.quantum_tokens, bool) or not isinstance(self.quantum_tokens, int):
+            raise ConfigError(f"quantum_tokens must be an integer, got {self.quantum_tokens!r}")
+        if self.quantum_tokens < 1:
+            raise ConfigError(f"quantum_tokens must be >= 1, got {self.quantum_tokens}")
+        if not self.aging_seconds > 0:  # also rejects NaN; math.inf means no aging
+            raise ConfigError(f"aging_seconds must be > 0, got {self.aging_seconds!r}")
 
     @property
     def default_model(self) -> str:

@@ -51,6 +51,16 @@ class Overloaded(AIOSError):
     code = "overloaded"
 
 
+class QuotaExceeded(AIOSError):
+    """The agent used up its token quota; ``retry_after`` says when it has room again."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class DeadlineExceeded(AIOSError):
     """The syscall did not finish before its deadline; its resources were released."""
 
@@ -73,3 +83,10 @@ class CoreError(AIOSError):
     """The LLM core failed while running the syscall (the core itself keeps serving)."""
 
     code = "core_error"
+
+
+class CoreUnavailable(CoreError):
+    """The core cannot serve at all right now (its server is unreachable or stopped
+    answering); a router resubmits the call to another core."""
+
+    code = "core_unavailable"

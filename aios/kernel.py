@@ -16,13 +16,16 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from aios.config import CoreConfig, KernelConfig
+from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig, RouterConfig
 from aios.errors import AIOSError, DeadlineExceeded, InvalidRequest, KernelShutdown, ModelNotFound
+from aios.llm.base import Core
 from aios.llm.core import LLMCore
 from aios.llm.engine import Engine
+from aios.llm.router import Router
 from aios.process import AgentProcess
+from aios.quota import Quotas
 from aios.scheduler import make_policy
-from aios.syscall import Completion, LLMCall
+from aios.syscall import Completion, LLMCall, LLMRequest
 
 if TYPE_CHECKING:
     from aios.sdk.agent import Agent
@@ -46,10 +49,11 @@ class Kernel:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or KernelConfig()
-        self.cores: dict[str, LLMCore] = {}
+        self.cores: dict[str, Core] = {}
         self.processes: dict[str, AgentProcess] = {}
         self._engine_factory = engine_factory
         self._clock = clock
+        self.quotas = Quotas(self.config.quota, clock=clock)
         self._tasks: asyncio.TaskGroup | None = None
         self._loops: list[asyncio.Task[None]] = []
 
@@ -57,14 +61,15 @@ class Kernel:
     async def __aenter__(self) -> Kernel:
         try:
             for cfg in self.config.cores:  # load every model before anything runs
-                core = LLMCore(
-                    cfg,
-                    lambda cfg=cfg: self._engine_factory(cfg),  # type: ignore[misc]
-                    make_policy(self.config.policy),
-                    self._clock,
-                )
+                if isinstance(cfg, RouterConfig):
+                    continue  # built below, over the cores it names
+                core = self._build_core(cfg)
                 self.cores[cfg.name] = core
                 await core.start()
+            for cfg in self.config.cores:
+                if isinstance(cfg, RouterConfig):
+                    members = [self.cores[name] for name in cfg.cores]
+                    self.cores[cfg.name] = Router(cfg, members, self._clock)
         except BaseException:
             await self._close_cores()
             raise
@@ -90,8 +95,23 @@ class Kernel:
         if tasks is not None:
             await tasks.__aexit__(None, None, None)
 
+    def _build_core(self, cfg: CoreConfig | RemoteCoreConfig) -> Core:
+        policy = make_policy(
+            self.config.policy,
+            quantum_tokens=self.config.quantum_tokens,
+            aging_seconds=self.config.aging_seconds,
+        )
+        if isinstance(cfg, RemoteCoreConfig):
+            from aios.llm.openai_compat import RemoteCore  # httpx only when a remote core runs
+
+            return RemoteCore(cfg, policy, self._clock)
+        embedded: CoreConfig = cfg
+        return LLMCore(embedded, lambda: self._engine_factory(embedded), policy, self._clock)
+
     async def _close_cores(self) -> None:
-        for core in self.cores.values():
+        # Routers (built last) close first: their calls end with KernelShutdown instead of
+        # failing over when their members close.
+        for core in reversed(self.cores.values()):
             await core.close()
 
     # -- processes -------------------------------------------------------------------------
@@ -118,10 +138,17 @@ class Kernel:
             process.exit(self._clock(), error=f"agent error: {type(e).__name__}: {e}")
         else:
             process.exit(self._clock(), result=result)
+        finally:
+            self.release(process)
         return process
 
+    def release(self, process: AgentProcess) -> None:
+        """An agent is gone: its cores drop the KV they kept for its next call."""
+        for core in self.cores.values():
+            core.forget(process.id)
+
     # -- syscalls --------------------------------------------------------------------------
-    def core_for(self, model: str | None) -> LLMCore:
+    def core_for(self, model: str | None) -> Core:
         if self._tasks is None:
             raise KernelShutdown("the kernel is not running")
         name = model or self.config.default_model
@@ -131,29 +158,51 @@ class Kernel:
         return core
 
     async def llm(
-        self, process: AgentProcess, call: LLMCall, *, timeout: float | None = None
+        self,
+        process: AgentProcess,
+        call: LLMCall,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
     ) -> Completion:
-        """The LLM syscall: queue ``call`` for ``process`` and wait for its completion."""
+        """The LLM syscall: queue ``call`` for ``process`` and wait for its completion.
+        ``priority`` is a hint for the priority policy (higher runs first)."""
         if timeout is not None and not timeout > 0:
             raise InvalidRequest(f"timeout must be > 0 seconds, got {timeout!r}")
         core = self.core_for(call.model)
-        request = core.submit(process.id, call)
-        process.current = request
+        request: LLMRequest | None = None
         completion: Completion | None = None
         try:
-            async with asyncio.timeout(timeout or self.config.syscall_timeout):
+            # Waiting for a place under the agent's quota counts against the deadline.
+            async with (
+                asyncio.timeout(timeout or self.config.syscall_timeout),
+                self.quotas.admit(process.id),
+            ):
+                request = core.submit(process.id, call, priority=priority, kind=process.name)
+                process.current = request
                 result: Completion = await asyncio.shield(request.future)
             completion = result
             return result
         except TimeoutError:
+            if request is None:
+                raise DeadlineExceeded(
+                    f"{process.id} had {self.quotas.in_flight(process.id)} LLM calls in flight "
+                    f"(its max_parallel quota) for {timeout or self.config.syscall_timeout:g}s; "
+                    "this call never started"
+                ) from None
             core.cancel(request)
             raise DeadlineExceeded(
                 f"{request.id} did not finish within {timeout or self.config.syscall_timeout:g}s "
                 f"({request.status.value}); its slot was released"
             ) from None
         except asyncio.CancelledError:
-            core.cancel(request)  # the caller went away: free the slot now
+            if request is not None:
+                core.cancel(request)  # the caller went away: free the slot now
             raise
         finally:
-            process.current = None
-            process.account(request, completion)
+            if request is not None:
+                process.current = None
+                process.account(request, completion)
+                # Prompt + completion tokens, once the call reached the model.
+                if completion is not None or request.timings.admitted is not None:
+                    self.quotas.charge(process.id, request.usage.total_tokens)

@@ -150,6 +150,15 @@ class Completion:
 _ids = itertools.count(1)
 
 
+@dataclass
+class AgentLedger:
+    """Per-agent service attained on a core, in token-equivalents (decode tokens, plus prefill
+    tokens weighted by their relative cost). Shared by all of that agent's requests."""
+
+    service: float = 0.0
+    calls: int = 0
+
+
 class Syscall:
     """Base request object: identity, status, timings and the caller's future."""
 
@@ -168,7 +177,13 @@ class Syscall:
     def admit(self, now: float) -> None:
         assert self.status is Status.QUEUED, self.status
         self.status = Status.RUNNING
-        self.timings.admitted = now
+        if self.timings.admitted is None:  # a re-admission after pre-emption keeps the first
+            self.timings.admitted = now
+
+    def preempt(self) -> None:
+        """RUNNING -> QUEUED: the resource was taken back; the call waits to be re-admitted."""
+        assert self.status is Status.RUNNING, self.status
+        self.status = Status.QUEUED
 
     def complete(self, now: float, result: Any) -> None:
         self._end(Status.DONE, now)
@@ -216,12 +231,47 @@ class LLMRequest(Syscall):
         self.finish_reason: Literal["stop", "length"] | None = None
         self.slot: int | None = None
         self.n_prefilled = 0  # prompt tokens already in the KV cache
+        # Scheduling inputs, maintained by the core (see aios.scheduler.base.Schedulable).
+        self.ledger = AgentLedger()  # replaced by the core with the agent's shared ledger
+        self.predicted_tokens = max_tokens
+        self.admitted_at_output = 0  # len(output_tokens) at the last admission
+        self.preemptions = 0
+        self.snapshot: str | None = None  # key of its saved context while pre-empted
+        self.reused_tokens = 0  # prompt tokens found in the KV cache at admission
+        self.kv_len = 0  # positions of this request in its slot's KV after the planned step
+        self.kind = ""  # the agent's program name (keys the output-length predictor)
+        self.defer_on: LLMRequest | None = None  # waits for this one's prefill to copy it
+        self.defer_n = 0  # ... up to this many tokens
+        self.call_index = 0  # how many calls its agent made on this core before this one
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     @property
     def kv_need(self) -> int:
         """KV cells this request may occupy at most (reserved on admission)."""
         return len(self.prompt_tokens) + self.max_tokens
+
+    def admit(self, now: float) -> None:
+        super().admit(now)
+        self.admitted_at_output = len(self.output_tokens)
+
+    def preempt(self) -> None:
+        super().preempt()
+        self.preemptions += 1
+        self.slot = None
+
+    @property
+    def run_tokens(self) -> int:
+        """Tokens generated since the last admission (what a round-robin quantum counts)."""
+        return len(self.output_tokens) - self.admitted_at_output
+
+    @property
+    def generated(self) -> int:
+        return len(self.output_tokens)
+
+    @property
+    def agent_service(self) -> float:
+        """LLM service the request's agent has received on this core so far."""
+        return self.ledger.service
 
     @property
     def prefilling(self) -> bool:

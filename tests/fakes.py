@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,9 +25,12 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from aios.config import CoreConfig, KernelConfig
+from aios.errors import CoreError
 from aios.kernel import Kernel
-from aios.llm.engine import Sampled, StepPlan
+from aios.llm.engine import ContextStore, KVCopy, Sampled, StepPlan
 from aios.process import AgentProcess
+from aios.scheduler import FIFO, Capacity, Decision
+from aios.scheduler.base import R
 from aios.syscall import Completion, LLMCall, Message, SamplingParams
 
 EOG = 1  # end-of-generation token
@@ -66,6 +70,11 @@ class PlanRecord:
     releases: tuple[int, ...]
     starts: tuple[int, ...]  # slots
     items: tuple[ItemRecord, ...]
+    saves: tuple[int, ...] = ()  # slots
+    restores: tuple[int, ...] = ()  # slots
+    copies: tuple[KVCopy, ...] = ()
+    trims: tuple[tuple[int, int], ...] = ()
+    drops: tuple[str, ...] = ()
 
     @property
     def n_tokens(self) -> int:
@@ -86,11 +95,11 @@ class PlanRecord:
 
 @dataclass
 class _Seq:
-    """What the fake knows about the sequence in one slot."""
+    """What the fake knows about the sequence in one slot: its KV (``tokens`` at positions
+    0..len-1) and its sampler (``params`` and reply state; ``None`` params: no sampler)."""
 
-    params: SamplingParams
-    positions: list[int]
     tokens: list[int]
+    params: SamplingParams | None = None
     reply: bytes | None = None  # set at the first sample
     n_sampled: int = 0
     last_sampled: int | None = None
@@ -106,7 +115,7 @@ class FakeEngine:
     def __init__(self, config: CoreConfig, reply: Reply | None = None) -> None:
         self.model_name = config.model
         self.description = "fake engine (test double)"
-        self.slots = config.slots
+        self.slots = config.kv_sequences
         self.context_tokens = config.context_tokens
         self.max_sequence_tokens = config.max_sequence_tokens
         self.batch_tokens = config.batch_tokens
@@ -115,6 +124,7 @@ class FakeEngine:
         self.prompts: list[list[int]] = []  # every prompt seen, in order of first sample
         self.violations: list[str] = []
         self.fail_next: Exception | None = None
+        self.fail_on_save = False  # the next step that saves a context raises CoreError
         self.gate: threading.Event | None = None
         self.hold_from = 0
         self.blocked = False  # a step is waiting at the gate
@@ -128,19 +138,29 @@ class FakeEngine:
     def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
         return [*tokenize(chat_text(messages)), CHAT_MARKER]
 
-    def step(self, plan: StepPlan) -> list[Sampled]:
+    def step(self, plan: StepPlan, store: ContextStore) -> list[Sampled]:
         index = len(self.plans)
         starts = tuple(s.slot for s in plan.starts)
+        restores = tuple(r.slot for r in plan.restores)
         self.plans.append(
             PlanRecord(
                 releases=tuple(plan.releases),
                 starts=starts,
                 items=tuple(
                     ItemRecord(
-                        i.slot, len(i.tokens), i.pos, i.sample, self._decoding(i.slot, starts)
+                        i.slot,
+                        len(i.tokens),
+                        i.pos,
+                        i.sample,
+                        i.slot in restores or self._decoding(i.slot, starts),
                     )
                     for i in plan.items
                 ),
+                saves=tuple(s.slot for s in plan.saves),
+                restores=restores,
+                copies=tuple(plan.copies),
+                trims=tuple(plan.trims),
+                drops=tuple(plan.drops),
             )
         )
         self._wait_at_gate(index)
@@ -151,15 +171,48 @@ class FakeEngine:
         self._check(
             len({i.slot for i in plan.items}) == len(plan.items), f"step {index}: slot twice"
         )
+        if self.fail_on_save and plan.saves:
+            self.fail_on_save = False
+            raise CoreError("injected failure while saving a context")
+        for save in plan.saves:
+            seq = self._seqs.pop(save.slot, None)
+            if seq is None or seq.params is None:
+                self._violation(f"step {index}: saved slot {save.slot} has no sequence")
+            store.put(save.key, pickle.dumps(seq))
         for slot in plan.releases:
             self._seqs.pop(slot, None)
+        for key in plan.drops:
+            store.drop(key)
+        for restore in plan.restores:
+            busy = self._seqs.get(restore.slot)
+            self._check(
+                busy is None or not busy.tokens, f"step {index}: restore into busy {restore.slot}"
+            )
+            self._seqs[restore.slot] = pickle.loads(store.take(restore.key))
+        for copy in plan.copies:
+            src, dst = self._seqs.get(copy.src), self._seqs.get(copy.dst)
+            self._check(dst is None or not dst.tokens, f"step {index}: copy into busy {copy.dst}")
+            self._check(
+                src is not None and len(src.tokens) >= copy.n, f"step {index}: bad copy {copy}"
+            )
+            assert src is not None
+            if dst is None:
+                self._seqs[copy.dst] = _Seq(src.tokens[: copy.n])
+            else:  # a started sequence waiting for its prefix: keeps its sampler
+                dst.tokens = src.tokens[: copy.n]
+        for slot, keep in plan.trims:
+            seq = self._seqs.get(slot)
+            self._check(seq is not None, f"step {index}: trim of empty slot {slot}")
+            assert seq is not None
+            del seq.tokens[keep:]
         for start in plan.starts:
             self._check(0 <= start.slot < self.slots, f"step {index}: bad slot {start.slot}")
-            self._seqs[start.slot] = _Seq(start.params, [], [])
+            kv = self._seqs.get(start.slot)
+            self._seqs[start.slot] = _Seq(kv.tokens if kv is not None else [], start.params)
         sampled = [
             self._feed(index, item.slot, item.tokens, item.pos, item.sample) for item in plan.items
         ]
-        used = sum(len(s.positions) for s in self._seqs.values())
+        used = sum(len(s.tokens) for s in self._seqs.values())
         self._check(used <= self.context_tokens, f"step {index}: KV cache overcommitted")
         return [s for s in sampled if s is not None]
 
@@ -194,19 +247,18 @@ class FakeEngine:
         self, index: int, slot: int, tokens: Sequence[int], pos: int, sample: bool
     ) -> Sampled | None:
         seq = self._seqs.get(slot)
-        if seq is None:
+        if seq is None or seq.params is None:
             self._violation(f"step {index}: slot {slot} fed without a start")
         self._check(len(tokens) > 0, f"step {index}: empty item for slot {slot}")
         self._check(
-            pos == len(seq.positions),
-            f"step {index}: slot {slot} fed at {pos}, expected {len(seq.positions)}",
+            pos == len(seq.tokens),
+            f"step {index}: slot {slot} fed at {pos}, expected {len(seq.tokens)}",
         )
         if seq.reply is not None:  # decoding: the token fed must be the one just sampled
             self._check(
                 list(tokens) == [seq.last_sampled],
                 f"step {index}: slot {slot} fed {list(tokens)}, sampled {seq.last_sampled}",
             )
-        seq.positions.extend(range(pos, pos + len(tokens)))
         seq.tokens.extend(tokens)
         if not sample:
             return None
@@ -221,6 +273,34 @@ class FakeEngine:
         seq.n_sampled += 1
         seq.last_sampled = token
         return Sampled(slot, token, piece, eog)
+
+
+class PreemptAt:
+    """A test policy: FIFO, plus pre-empt a running request each time its output reaches one
+    of ``points`` tokens. Records the slot each pre-emption took the request from."""
+
+    name = "preempt-at"
+
+    def __init__(self, points: Sequence[int], on_preempt: Any = None) -> None:
+        self.points = set(points)
+        self.on_preempt = on_preempt
+        self.seen: set[tuple[str, int]] = set()
+        self.slots: list[int | None] = []
+
+    def schedule(
+        self, now: float, waiting: Sequence[R], running: Sequence[R], capacity: Capacity
+    ) -> Decision[R]:
+        preempt = []
+        for r in running:
+            key = (r.id, r.generated)
+            if r.generated in self.points and key not in self.seen:
+                self.seen.add(key)
+                preempt.append(r)
+                self.slots.append(getattr(r, "slot", None))
+                if self.on_preempt is not None:
+                    self.on_preempt()
+        admit = FIFO().schedule(now, waiting, running, capacity).admit
+        return Decision(admit=admit, preempt=tuple(preempt))
 
 
 class FakeFactory:
@@ -243,6 +323,7 @@ class FakeFactory:
 
 CORE_DEFAULTS: dict[str, Any] = {
     "slots": 4,
+    "cache_slots": 0,  # slot numbers in tests are those of the running slots
     "context_tokens": 1024,
     "max_sequence_tokens": 256,
     "batch_tokens": 64,

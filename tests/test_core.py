@@ -30,6 +30,7 @@ from fakes import (
 )
 
 from aios.config import CoreConfig
+from aios.context import SnapshotStore
 from aios.errors import (
     AIOSError,
     ContextOverflow,
@@ -42,7 +43,7 @@ from aios.errors import (
 )
 from aios.kernel import Kernel
 from aios.llm.core import LLMCore
-from aios.llm.engine import BatchItem, SeqStart, StepPlan
+from aios.llm.engine import BatchItem, KVCopy, SeqSave, SeqStart, StepPlan
 from aios.process import AgentState
 from aios.sdk import Agent
 from aios.syscall import LLMCall, SamplingParams
@@ -404,8 +405,9 @@ async def test_llm_before_start_is_refused() -> None:
 def test_fake_engine_catches_bad_plans() -> None:
     """The fake itself must catch scheduling bugs, or the tests above would prove little."""
     fake = FakeEngine(CoreConfig(name="fake", model="fake", **CORE_DEFAULTS))
+    store = SnapshotStore(2**20)
     prompt = BatchItem(0, tokenize("hi"), 0, True)
-    (sampled,) = fake.step(StepPlan(starts=[SeqStart(0, SamplingParams())], items=[prompt]))
+    (sampled,) = fake.step(StepPlan(starts=[SeqStart(0, SamplingParams())], items=[prompt]), store)
     assert sampled.piece == b"o"
     bad_plans = {
         "fed at 3, expected 2": BatchItem(0, [sampled.token], 3, True),
@@ -415,9 +417,18 @@ def test_fake_engine_catches_bad_plans() -> None:
     }
     for error, item in bad_plans.items():
         with pytest.raises(AssertionError, match=error):
-            fake.step(StepPlan(items=[item]))
-    assert len(fake.violations) == len(bad_plans)
-    (sampled,) = fake.step(StepPlan(items=[BatchItem(0, [sampled.token], 2, True)]))
+            fake.step(StepPlan(items=[item]), store)
+    bad_ops = {
+        "copy into busy": StepPlan(copies=[KVCopy(0, 0, 1)]),
+        "bad copy": StepPlan(copies=[KVCopy(0, 1, 9)]),
+        "trim of empty": StepPlan(trims=[(3, 0)]),
+        "saved slot 2 has no sequence": StepPlan(saves=[SeqSave(2, "k")]),
+    }
+    for error, plan in bad_ops.items():
+        with pytest.raises(AssertionError, match=error):
+            fake.step(plan, store)
+    assert len(fake.violations) == len(bad_plans) + len(bad_ops)
+    (sampled,) = fake.step(StepPlan(items=[BatchItem(0, [sampled.token], 2, True)]), store)
     assert sampled.piece == b"k"
 
 

@@ -11,15 +11,22 @@ sequence's logits do not depend on what the other sequences contain, only on the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from fakes import PreemptAt
 
 from aios.config import CoreConfig, KernelConfig
+from aios.context import SnapshotStore
 from aios.errors import ContextOverflow, InvalidRequest, ModelNotFound
-from aios.kernel import Kernel
+from aios.kernel import Kernel, llamacpp_engine
+from aios.llm.core import LLMCore
 from aios.llm.engine import BatchItem, SeqStart, StepPlan
-from aios.syscall import LLMCall, Message, SamplingParams, Status
+from aios.scheduler import FIFO
+from aios.syscall import Completion, LLMCall, Message, SamplingParams, Status
 
 pytestmark = pytest.mark.model
 
@@ -86,6 +93,7 @@ async def test_logits_do_not_depend_on_other_sequences() -> None:
     from aios.llm.llamacpp import LlamaCppEngine
 
     engine = LlamaCppEngine(CoreConfig(slots=2))
+    store = SnapshotStore(0)
     try:
         a = engine.tokenize_chat([Message("user", "Give me a tip for learning to cook.")])
         other1 = engine.tokenize("zebra " * 100)[:100]
@@ -98,10 +106,10 @@ async def test_logits_do_not_depend_on_other_sequences() -> None:
                 starts=[SeqStart(0, greedy), SeqStart(1, greedy)],
                 items=[BatchItem(0, a, 0, True), BatchItem(1, other, 0, True)],
             )
-            engine.step(plan)
+            engine.step(plan, store)
             ptr = lc.llama_get_logits_ith(engine._ctx, len(a) - 1)
             out = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
-            engine.step(StepPlan(releases=[0, 1]))
+            engine.step(StepPlan(releases=[0, 1]), store)
             return out
 
         assert len(other1) == len(other2) == 100
@@ -207,3 +215,90 @@ async def test_gemma_base_model_loads_and_completes() -> None:
         assert reply.text.strip()
         with pytest.raises(InvalidRequest, match="no chat template"):
             await k.llm(proc, chat("hi"))
+
+
+# -- context switch and KV reuse on the real model ------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def real_core(policy: Any = None, **overrides: Any) -> AsyncIterator[LLMCore]:
+    """An embedded core on SmolLM2 with a given policy (FIFO by default)."""
+    config = CoreConfig(name="m", **{"slots": 4, **overrides})
+    core = LLMCore(config, lambda: llamacpp_engine(config), policy or FIFO())
+    await core.start()
+    loop = asyncio.create_task(core.run())
+    try:
+        yield core
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        await core.close()
+
+
+STORY = chat("Write a long story about a lighthouse keeper.", max_tokens=60, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> str:
+    async def run() -> str:
+        async with real_core() as core:
+            result: Completion = await core.submit("a", STORY).future
+            return result.text
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("points", "ram_mb"),
+    [([20], 512), ([10, 25, 40], 512), (list(range(5, 55, 5)), 512), ([15, 30, 45], 0)],
+    ids=["k1", "k3", "k10", "k3-disk"],
+)
+async def test_preempted_generation_is_bit_exact(
+    uninterrupted: str, points: list[int], ram_mb: int
+) -> None:
+    """Pre-empted and restored k times (into other slots; once all through the disk spill),
+    greedy decoding yields exactly the uninterrupted text."""
+    policy = PreemptAt(points)
+    async with real_core(policy, snapshot_ram_mb=ram_mb) as core:
+        result: Completion = await core.submit("a", STORY).future
+        assert core.stats.preemptions == core.stats.restores == len(points)
+        stats = core.snapshots.stats
+        assert stats.spilled == (len(points) if ram_mb == 0 else 0)
+        assert stats.saved_bytes > 0
+    assert len(set(policy.slots)) == len(points)  # restored into a different slot each time
+    assert result.usage.completion_tokens == 60
+    assert result.text == uninterrupted
+
+
+async def test_kv_reuse_continues_a_conversation_like_a_fresh_prefill() -> None:
+    """An agent's second call reuses its first call's KV (only the new turn is prefilled),
+    from a cached slot or from a context parked in the snapshot store, and answers as a fresh
+    prefill of the whole conversation does."""
+    first = [
+        Message("system", "You are a helpful assistant who knows fruit. " * 8),
+        Message("user", "Name a fruit that is yellow."),
+    ]
+    answers = {}
+    setups: dict[str, dict[str, Any]] = {
+        "cached": {},
+        "parked": {"cache_tokens": 0},
+        "off": {"kv_reuse": False},
+    }
+    for name, setup in setups.items():
+        async with real_core(**setup) as core:
+            r1: Completion = await core.submit("a", chat_messages(first, 24)).future
+            second = [*first, Message("assistant", r1.text), Message("user", "And a red one?")]
+            request = core.submit("a", chat_messages(second, 24))
+            r2: Completion = await request.future
+            answers[name] = (r1.text, r2.text)
+            if name == "off":
+                assert request.reused_tokens == 0
+            else:
+                assert request.reused_tokens > len(request.prompt_tokens) // 2
+            assert core.stats.unparked == (name == "parked")
+    assert answers["cached"] == answers["off"] == answers["parked"]
+
+
+def chat_messages(messages: list[Message], max_tokens: int) -> LLMCall:
+    return LLMCall(messages=tuple(messages), params=SamplingParams(max_tokens=max_tokens))

@@ -15,7 +15,7 @@ from typing import Any
 
 from aios.config import CoreConfig
 from aios.errors import CoreError, InvalidRequest, ModelLoadError
-from aios.llm.engine import Sampled, SeqStart, StepPlan
+from aios.llm.engine import ContextStore, Sampled, SeqStart, StepPlan
 from aios.llm.models import resolve_model
 from aios.syscall import Message
 
@@ -80,7 +80,7 @@ class LlamaCppEngine:
         cparams.n_ctx = config.context_tokens
         cparams.n_batch = config.batch_tokens
         cparams.n_ubatch = config.batch_tokens
-        cparams.n_seq_max = config.slots
+        cparams.n_seq_max = config.kv_sequences
         cparams.kv_unified = True  # sequences share one KV pool instead of n_ctx / n_seq each
         cparams.n_threads = config.n_threads
         cparams.n_threads_batch = config.n_threads
@@ -94,6 +94,7 @@ class LlamaCppEngine:
         self._batch = lc.llama_batch_init(config.batch_tokens, 0, 1)
         self._batch_cap = config.batch_tokens
         self._samplers: dict[int, Any] = {}
+        self._parked: dict[str, Any] = {}  # samplers of pre-empted sequences, by context key
         self._piece = ctypes.create_string_buffer(256)
         template = lc.llama_model_chat_template(model, None)
         self._template: bytes | None = template or None
@@ -103,7 +104,7 @@ class LlamaCppEngine:
         self.model_name = config.model
         self.description = desc.value.decode(errors="replace")
         self.path = path
-        self.slots = config.slots
+        self.slots = config.kv_sequences
         self.context_tokens = config.context_tokens
         self.max_sequence_tokens = min(
             config.max_sequence_tokens, lc.llama_model_n_ctx_train(model)
@@ -139,12 +140,27 @@ class LlamaCppEngine:
         raise CoreError("llama.cpp tokenization failed")
 
     # -- the step ---------------------------------------------------------------------------
-    def step(self, plan: StepPlan) -> list[Sampled]:
+    def step(self, plan: StepPlan, store: ContextStore) -> list[Sampled]:
         lc = self._lc
+        for save in plan.saves:
+            store.put(save.key, self.save_seq(save.slot))
+            self._parked[save.key] = self._samplers.pop(save.slot, None)
+            self._release(save.slot)
         for slot in plan.releases:
             self._release(slot)
+        for key in plan.drops:
+            store.drop(key)
+            self._free_sampler(self._parked.pop(key, None))
+        for restore in plan.restores:
+            self.load_seq(restore.slot, store.take(restore.key))
+            self._free_sampler(self._samplers.pop(restore.slot, None))
+            self._samplers[restore.slot] = self._parked.pop(restore.key, None)
+        for copy in plan.copies:
+            lc.llama_memory_seq_cp(self._mem, copy.src, copy.dst, 0, copy.n)
+        for slot, keep in plan.trims:
+            lc.llama_memory_seq_rm(self._mem, slot, keep, -1)
         for start in plan.starts:
-            self._release(start.slot)
+            self._free_sampler(self._samplers.pop(start.slot, None))
             self._samplers[start.slot] = self._make_sampler(start)
 
         batch = self._batch
@@ -202,9 +218,29 @@ class LlamaCppEngine:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
         return chain
 
+    # -- context switch ---------------------------------------------------------------------
+    def save_seq(self, slot: int) -> bytes:
+        """The KV state of one sequence, serialized (llama_state_seq_get_data)."""
+        lc = self._lc
+        size = lc.llama_state_seq_get_size(self._ctx, slot)
+        buf = (ctypes.c_uint8 * size)()
+        written = lc.llama_state_seq_get_data(self._ctx, buf, size, slot)
+        if written != size:
+            raise CoreError(f"llama.cpp saved {written} of {size} bytes of sequence {slot}")
+        return bytes(buf)
+
+    def load_seq(self, slot: int, data: bytes) -> None:
+        """Load a saved sequence state into the empty ``slot`` (llama_state_seq_set_data)."""
+        lc = self._lc
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if lc.llama_state_seq_set_data(self._ctx, buf, len(data), slot) == 0:
+            raise CoreError(f"llama.cpp could not restore a context into slot {slot}")
+
     def _release(self, slot: int) -> None:
         self._lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
-        sampler = self._samplers.pop(slot, None)
+        self._free_sampler(self._samplers.pop(slot, None))
+
+    def _free_sampler(self, sampler: Any) -> None:
         if sampler is not None:
             self._lc.llama_sampler_free(sampler)
 
@@ -221,6 +257,9 @@ class LlamaCppEngine:
         lc = self._lc
         for slot in list(self._samplers):
             self._release(slot)
+        for sampler in self._parked.values():
+            self._free_sampler(sampler)
+        self._parked.clear()
         lc.llama_batch_free(self._batch)
         lc.llama_free(self._ctx)
         lc.llama_model_free(self._model)

@@ -22,6 +22,25 @@ class Schedulable(Protocol):
     def kv_need(self) -> int: ...
     @property
     def timings(self) -> Timings: ...
+    @property
+    def run_tokens(self) -> int:
+        """Tokens generated since its last admission (a round-robin quantum counts these)."""
+        ...
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far in all."""
+        ...
+
+    @property
+    def predicted_tokens(self) -> int:
+        """Predicted total output length (from the agent's history; max_tokens when unknown)."""
+        ...
+
+    @property
+    def agent_service(self) -> float:
+        """Service (token-equivalents) the request's agent has attained on this core."""
+        ...
 
 
 R = TypeVar("R", bound=Schedulable)
@@ -41,6 +60,10 @@ class Capacity:
     def minus(self, request: Schedulable) -> Capacity:
         return Capacity(self.free_slots - 1, self.free_kv - request.kv_need)
 
+    def plus(self, request: Schedulable) -> Capacity:
+        """Capacity after ``request`` (running) is pre-empted."""
+        return Capacity(self.free_slots + 1, self.free_kv + request.kv_need)
+
 
 @dataclass(frozen=True)
 class Decision(Generic[T]):
@@ -51,10 +74,13 @@ class Decision(Generic[T]):
 
 
 class Policy(Protocol):
-    """A scheduling policy. ``waiting`` is in arrival order, ``running`` in admission order.
+    """A scheduling policy. ``waiting`` is in queue order (arrival order; a pre-empted request
+    re-enters at the tail), ``running`` in admission order.
 
-    The caller admits the returned requests in order while they fit, so a policy that
-    over-admits cannot overcommit the core.
+    The caller first pre-empts ``Decision.preempt`` (their context is saved and restored on
+    re-admission; a request the core cannot pre-empt right now is left running), then admits
+    ``Decision.admit`` in order while they fit, so a policy that over-admits cannot overcommit
+    the core. ``capacity`` is what is free before any pre-emption.
     """
 
     name: str

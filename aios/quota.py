@@ -1,0 +1,185 @@
+"""Per-agent quotas: a token budget over a sliding minute and a cap on calls in flight.
+
+    quotas = Quotas(Quota(tokens_per_minute=10_000, max_parallel=2), clock=kernel_clock)
+    async with quotas.admit(agent_id):  # may raise QuotaExceeded, or wait for a free place
+        completion = ...
+    quotas.charge(agent_id, completion.usage.total_tokens)
+
+The token budget is checked on admission and charged when a call finishes, so an agent can
+overshoot its budget by what its calls in flight use; ``max_parallel`` bounds that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from aios.errors import ConfigError, QuotaExceeded
+
+WINDOW_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Limits that apply to each agent on its own; ``None`` means no limit."""
+
+    tokens_per_minute: int | None = None  # prompt + completion tokens in any 60 s window
+    max_parallel: int | None = None  # calls in flight at once; more wait their turn
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_minute", "max_parallel"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"quota {name} must be a positive integer or None, got {value!r}")
+
+    @property
+    def unlimited(self) -> bool:
+        return self.tokens_per_minute is None and self.max_parallel is None
+
+
+@dataclass
+class _Agent:
+    """One agent's quota state. Dropped when it is idle and its window is empty."""
+
+    touched: float  # last admission, release or charge: no charge in the window is later
+    slots: asyncio.Semaphore | None
+    window: deque[tuple[float, int]] = field(default_factory=deque)  # (when, tokens), oldest first
+    used: int = 0  # tokens in the window
+    in_flight: int = 0
+    waiting: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0 and self.waiting == 0
+
+
+class Quotas:
+    """The quota state of every agent, under one :class:`Quota` that applies to each."""
+
+    def __init__(
+        self, quota: Quota | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.quota = quota or Quota()
+        self._clock = clock
+        # Least recently touched first, so idle agents are found (and dropped) in O(1) each.
+        self._agents: OrderedDict[str, _Agent] = OrderedDict()
+
+    @asynccontextmanager
+    async def admit(self, agent_id: str) -> AsyncIterator[None]:
+        """Hold one of the agent's places for the body. Raises :class:`QuotaExceeded` when its
+        token window is full; waits while it has ``max_parallel`` calls in flight."""
+        if self.quota.unlimited:
+            yield
+            return
+        agent = self._touch(agent_id, self._clock())
+        agent.waiting += 1  # keeps the state alive while it waits
+        try:
+            self._check(agent_id, agent)
+            if agent.slots is not None:
+                await agent.slots.acquire()  # cancellation-safe: nothing is taken then
+                try:
+                    self._check(agent_id, agent)  # the window may have filled while it waited
+                except QuotaExceeded:
+                    agent.slots.release()
+                    raise
+            agent.in_flight += 1
+        finally:
+            agent.waiting -= 1
+        try:
+            yield
+        finally:
+            # Synchronous on purpose: a cancellation cannot interrupt the release.
+            agent.in_flight -= 1
+            if agent.slots is not None:
+                agent.slots.release()
+            self._touch(agent_id, self._clock())
+            if agent.idle and not agent.window and self._agents.get(agent_id) is agent:
+                del self._agents[agent_id]  # nothing left to remember
+
+    def charge(self, agent_id: str, tokens: int) -> None:
+        """Count ``tokens`` (prompt + completion) against the agent's window, now."""
+        if tokens < 0:
+            raise ValueError(f"cannot charge a negative number of tokens ({tokens})")
+        if self.quota.tokens_per_minute is None or tokens == 0:
+            return
+        now = self._clock()
+        agent = self._touch(agent_id, now)
+        agent.window.append((now, tokens))
+        agent.used += tokens
+
+    def used(self, agent_id: str) -> int:
+        """Tokens the agent was charged in the last 60 seconds."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            return 0
+        self._expire(agent, self._clock())
+        return agent.used
+
+    def in_flight(self, agent_id: str) -> int:
+        agent = self._agents.get(agent_id)
+        return 0 if agent is None else agent.in_flight
+
+    def __len__(self) -> int:
+        """Agents with quota state held (for memory checks)."""
+        return len(self._agents)
+
+    # -- internals -------------------------------------------------------------------------
+    def _check(self, agent_id: str, agent: _Agent) -> None:
+        limit = self.quota.tokens_per_minute
+        if limit is None:
+            return
+        now = self._clock()
+        self._expire(agent, now)
+        if agent.used < limit:
+            return
+        retry = self._room_at(agent, limit) - now
+        raise QuotaExceeded(
+            f"agent {agent_id!r} used {agent.used} tokens in the last {WINDOW_SECONDS:g} s, "
+            f"at or over its limit of {limit} tokens per minute; retry in {retry:.1f} s",
+            retry_after=retry,
+        )
+
+    @staticmethod
+    def _room_at(agent: _Agent, limit: int) -> float:
+        """When the window is below ``limit`` again: once enough of its oldest charges expire."""
+        left = agent.used
+        for when, tokens in agent.window:
+            left -= tokens
+            if left < limit:
+                return when + WINDOW_SECONDS
+        raise AssertionError("the window holds every token it counts")
+
+    @staticmethod
+    def _expire(agent: _Agent, now: float) -> None:
+        horizon = now - WINDOW_SECONDS
+        while agent.window and agent.window[0][0] <= horizon:
+            agent.used -= agent.window.popleft()[1]
+
+    def _touch(self, agent_id: str, now: float) -> _Agent:
+        """The agent's state (created if needed), marked as touched now; drops idle agents
+        whose every charge has left the window, so memory stays bounded by active agents."""
+        horizon = now - WINDOW_SECONDS
+        while self._agents:
+            oldest_id, oldest = next(iter(self._agents.items()))
+            if oldest.touched > horizon:
+                break
+            if oldest.idle:  # untouched for a whole window: its window is empty
+                del self._agents[oldest_id]
+            else:  # a call in flight (or waiting) for over a minute: still active
+                oldest.touched = now
+                self._agents.move_to_end(oldest_id)
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            slots = self.quota.max_parallel
+            agent = _Agent(now, None if slots is None else asyncio.Semaphore(slots))
+            self._agents[agent_id] = agent
+        else:
+            agent.touched = now
+            self._agents.move_to_end(agent_id)
+        return agent
