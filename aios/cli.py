@@ -160,8 +160,14 @@ async def _run_agents(n: int, agent: str, config: KernelConfig) -> None:
     failed = sum(1 for p in procs if p.error)
     console.print(
         f"{n - failed}/{n} agents done in {elapsed:.1f} s: {60 * n / elapsed:.1f} agents/min, "
-        f"{out_tokens / elapsed:.1f} generated tokens/s, {stats.prefill_tokens} prompt tokens "
-        f"prefilled, mean turnaround {sum(p.turnaround or 0 for p in procs) / n:.2f} s"
+        f"{out_tokens / elapsed:.1f} generated tokens/s, mean turnaround "
+        f"{sum(p.turnaround or 0 for p in procs) / n:.2f} s"
+    )
+    console.print(
+        f"KV reuse: {stats.prefix_hit_rate:.0%} of calls hit the cache, "
+        f"{stats.prefill_saved:.0%} of prompt tokens not prefilled "
+        f"({stats.prefill_tokens} prefilled); {stats.preemptions} pre-emptions, "
+        f"{stats.parked} idle contexts parked, {stats.unparked} restored"
     )
     if failed:
         raise typer.Exit(1)

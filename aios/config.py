@@ -33,7 +33,7 @@ class CoreConfig:
     max_queue: int = 4096
     kv_reuse: bool = True  # keep an agent's KV between its calls; share common prefixes
     cache_tokens: int = 2048  # idle KV kept in the cache; beyond it, idle KV is parked
-    max_parked: int = 256  # idle contexts kept in the snapshot store (0: drop instead)
+    max_parked: int = 64  # idle contexts kept in the snapshot store (0: drop instead)
     snapshot_ram_mb: int = 512  # pre-empted contexts beyond this spill to disk
     spill_dir: str | None = None  # None: a private temporary directory
 
