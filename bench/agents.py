@@ -145,8 +145,7 @@ async def arm_kernel(
         name="bench",
         model=model,
         slots=slots,
-        cache_slots=64,
-        context_tokens=32768,
+        cache_slots=32,  # idle agents' KV stays resident for 32 agents; the rest is parked
         threads=threads,
     )
     async with Kernel(KernelConfig(cores=(core,), policy=policy)) as kernel:
@@ -166,6 +165,11 @@ async def arm_kernel(
             prefix_hit_rate=stats.prefix_hit_rate,
             prefill_saved=stats.prefill_saved,
             preemptions=stats.preemptions,
+            busy_s=stats.busy_seconds,
+            steps=stats.steps,
+            prefill_tokens=stats.prefill_tokens,
+            decode_tokens=stats.decode_tokens,
+            parked=stats.parked,
         )
         return result
 
@@ -225,7 +229,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     f"jain {m['jain']:.2f}"
                     + (
                         f" hit {m['prefix_hit_rate']:.0%} saved {m['prefill_saved']:.0%}"
-                        f" preempt {m['preemptions']}"
+                        f" preempt {m['preemptions']} busy {m['busy_s']:.1f}s"
+                        f" steps {m['steps']} prefill {m['prefill_tokens']}"
+                        f" decode {m['decode_tokens']} parked {m['parked']}"
                         if "prefill_saved" in m
                         else ""
                     ),

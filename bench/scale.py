@@ -190,6 +190,7 @@ async def arm_kernel(
         model="simulated",
         slots=args.slots,
         cache_slots=args.cache_slots,
+        kv_unified=True,  # the simulated engine models one shared pool
         context_tokens=cost.kv_cells,
         max_sequence_tokens=4096,
         batch_tokens=512,

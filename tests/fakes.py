@@ -116,7 +116,9 @@ class FakeEngine:
         self.model_name = config.model
         self.description = "fake engine (test double)"
         self.slots = config.kv_sequences
-        self.context_tokens = config.context_tokens
+        self.context_tokens = config.kv_cells
+        self.unified = config.kv_unified
+        self.stream_tokens = config.max_sequence_tokens
         self.max_sequence_tokens = config.max_sequence_tokens
         self.batch_tokens = config.batch_tokens
         self.reply: Reply = reply or (lambda prompt: "ok")
@@ -212,8 +214,12 @@ class FakeEngine:
         sampled = [
             self._feed(index, item.slot, item.tokens, item.pos, item.sample) for item in plan.items
         ]
-        used = sum(len(s.tokens) for s in self._seqs.values())
-        self._check(used <= self.context_tokens, f"step {index}: KV cache overcommitted")
+        if self.unified:
+            used = sum(len(s.tokens) for s in self._seqs.values())
+            self._check(used <= self.context_tokens, f"step {index}: KV cache overcommitted")
+        else:
+            longest = max((len(s.tokens) for s in self._seqs.values()), default=0)
+            self._check(longest <= self.stream_tokens, f"step {index}: KV stream overrun")
         return [s for s in sampled if s is not None]
 
     def close(self) -> None:
@@ -324,6 +330,7 @@ class FakeFactory:
 CORE_DEFAULTS: dict[str, Any] = {
     "slots": 4,
     "cache_slots": 0,  # slot numbers in tests are those of the running slots
+    "kv_unified": True,  # one pool of context_tokens cells: reservations are tested
     "context_tokens": 1024,
     "max_sequence_tokens": 256,
     "batch_tokens": 64,

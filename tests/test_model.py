@@ -282,7 +282,7 @@ async def test_kv_reuse_continues_a_conversation_like_a_fresh_prefill() -> None:
     answers = {}
     setups: dict[str, dict[str, Any]] = {
         "cached": {},
-        "parked": {"cache_tokens": 0},
+        "parked": {"kv_unified": True, "context_tokens": 8192, "cache_tokens": 0},
         "off": {"kv_reuse": False},
     }
     for name, setup in setups.items():

@@ -49,6 +49,7 @@ def config(**overrides: Any) -> CoreConfig:
         "model": "simulated",
         "slots": 4,
         "cache_slots": 4,
+        "kv_unified": True,
         "context_tokens": 1024,
         "max_sequence_tokens": 512,
         "batch_tokens": 64,

@@ -289,7 +289,7 @@ class LLMCore:
         free = min(
             self.config.slots - len(self._running), len(self._free_slots) + len(self._cached)
         )
-        capacity = Capacity(free, self.config.context_tokens - self._reserved_kv)
+        capacity = Capacity(free, self.config.kv_cells - self._reserved_kv)
         decision = self.policy.schedule(now, list(self._waiting), list(self._running), capacity)
         for request in decision.preempt:
             if request.status is Status.RUNNING and request.slot in self._by_slot:
@@ -328,7 +328,7 @@ class LLMCore:
     ) -> None:
         self._waiting.remove(request)
         # Physical KV: running reservations + cached sequences + this one must fit.
-        limit = self.config.context_tokens - self._reserved_kv - request.kv_need
+        limit = self.config.kv_cells - self._reserved_kv - request.kv_need
         while self._cached_kv > limit:
             self._evict(self._eviction_victim(request.agent), plan)
         if request.snapshot is not None:
@@ -519,8 +519,8 @@ class LLMCore:
             tokens = [*request.prompt_tokens, *request.output_tokens][: request.kv_len]
             self._cached[slot] = CachedSeq(request.agent, tokens)
             self._cached_kv += len(tokens)
-            # Cached cells cost every decode step attention work: keep few of them resident.
-            while self._cached_kv > self.config.cache_tokens:
+            # In a unified pool idle cells cost every decode step attention work: keep few.
+            while self.config.kv_unified and self._cached_kv > self.config.cache_tokens:
                 self._evict(next(iter(self._cached)))
         else:
             self._free_slots.append(slot)

@@ -1,8 +1,8 @@
 """The embedded engine: llama.cpp in-process, many sequences decoded in one batch per step.
 
 Uses llama.cpp's low-level API (the high-level ``Llama`` class only uses sequence 0): one model,
-one context with ``n_seq_max = slots`` and a unified KV cache shared by all sequences, one
-``llama_batch`` per step. Every method runs on the owning core's thread; nothing here is
+one context with ``n_seq_max = slots + cache_slots`` and one KV stream per sequence (or a unified
+pool), one ``llama_batch`` per step. Every method runs on the owning core's thread; nothing here is
 thread-safe, by design.
 """
 
@@ -77,11 +77,11 @@ class LlamaCppEngine:
         self._model = model
         self._vocab = lc.llama_model_get_vocab(model)
         cparams = lc.llama_context_default_params()
-        cparams.n_ctx = config.context_tokens
+        cparams.n_ctx = config.kv_cells
         cparams.n_batch = config.batch_tokens
         cparams.n_ubatch = config.batch_tokens
         cparams.n_seq_max = config.kv_sequences
-        cparams.kv_unified = True  # sequences share one KV pool instead of n_ctx / n_seq each
+        cparams.kv_unified = config.kv_unified  # False: one stream of n_ctx / n_seq per sequence
         cparams.n_threads = config.n_threads
         cparams.n_threads_batch = config.n_threads
         cparams.no_perf = True
@@ -105,7 +105,7 @@ class LlamaCppEngine:
         self.description = desc.value.decode(errors="replace")
         self.path = path
         self.slots = config.kv_sequences
-        self.context_tokens = config.context_tokens
+        self.context_tokens = config.kv_cells
         self.max_sequence_tokens = min(
             config.max_sequence_tokens, lc.llama_model_n_ctx_train(model)
         )
@@ -156,7 +156,9 @@ class LlamaCppEngine:
             self._free_sampler(self._samplers.pop(restore.slot, None))
             self._samplers[restore.slot] = self._parked.pop(restore.key, None)
         for copy in plan.copies:
-            lc.llama_memory_seq_cp(self._mem, copy.src, copy.dst, 0, copy.n)
+            # Whole-sequence copy, then trim: per-sequence streams only copy whole buffers.
+            lc.llama_memory_seq_cp(self._mem, copy.src, copy.dst, -1, -1)
+            lc.llama_memory_seq_rm(self._mem, copy.dst, copy.n, -1)
         for slot, keep in plan.trims:
             lc.llama_memory_seq_rm(self._mem, slot, keep, -1)
         for start in plan.starts:

@@ -367,7 +367,8 @@ class SimStats:
 class SimulatedEngine:
     """An :class:`~aios.llm.engine.Engine` on the cost model (see the module docstring).
 
-    ``config.context_tokens`` is the KV capacity it enforces (as llama.cpp's ``n_ctx``) and
+    It models a unified pool (``config.kv_unified`` must be set): ``config.context_tokens`` is
+    the KV capacity it enforces (as llama.cpp's ``n_ctx``) and
     must fit the hardware's ``cost.kv_cells``; ``config.kv_sequences`` must fit
     ``cost.slots``. ``sleep`` is injectable for tests; ``record`` keeps every step's interval
     in ``stats.busy`` (benchmarks).
@@ -382,6 +383,11 @@ class SimulatedEngine:
         sleep: Callable[[float], None] = time.sleep,
         record: bool = False,
     ) -> None:
+        if not config.kv_unified:
+            raise ConfigError(
+                f"core {config.name!r}: the simulated engine models one shared KV pool; "
+                "set kv_unified=True"
+            )
         if config.context_tokens > cost.kv_cells:
             raise ConfigError(
                 f"core {config.name!r}: context_tokens ({config.context_tokens}) exceeds the "
