@@ -239,20 +239,36 @@ def list_agents() -> None:
         console.print(f"[bold]{name}[/bold]: {cls.description}")
 
 
-@bench_app.command(
-    "throughput", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
-def bench_throughput(ctx: typer.Context) -> None:
-    """Agents with and without the kernel, and raw batched decode (bench/throughput.py).
+BENCHMARKS = {
+    "throughput": "Agents with and without the kernel, and raw batched decode.",
+    "agents": "The agent workload: direct vs the kernel under each scheduling policy.",
+    "context-switch": "KV snapshot and restore vs re-prefill, by context length.",
+    "scale": "100-2000 agents on the simulated core, with and without the kernel.",
+}
 
-    Example: aios bench throughput --agents 1 4 8 16 --repeats 2
-    """
-    script = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
-    if not script.is_file():
-        err.print(f"[red]error:[/red] {script} not found (benchmarks run from a source checkout)")
-        raise typer.Exit(2)
-    sys.argv = [str(script), *ctx.args]
-    runpy.run_path(str(script), run_name="__main__")
+
+def _bench_command(name: str, help_text: str) -> None:
+    script_name = name.replace("-", "_") + ".py"
+
+    def command(ctx: typer.Context) -> None:
+        script = Path(__file__).resolve().parent.parent / "bench" / script_name
+        if not script.is_file():
+            err.print(
+                f"[red]error:[/red] {script} not found (benchmarks run from a source checkout)"
+            )
+            raise typer.Exit(2)
+        sys.argv = [str(script), *ctx.args]
+        sys.path.insert(0, str(script.parent))  # benchmarks import their siblings
+        runpy.run_path(str(script), run_name="__main__")
+
+    command.__doc__ = f"{help_text} (bench/{script_name}; --help lists its options)"
+    bench_app.command(
+        name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    )(command)
+
+
+for _name, _help in BENCHMARKS.items():
+    _bench_command(_name, _help)
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ class CoreConfig:
     cache_slots: int = 8  # extra KV sequences that only keep idle agents' KV for reuse
     max_sequence_tokens: int = 2048
     kv_unified: bool = False
+    # llama.cpp's automatic choice turns flash attention on for CPU, which decodes 15-30%
+    # slower here (SmolLM2, 300-1800 token contexts, measured): off unless asked for.
+    flash_attn: bool = False
     context_tokens: int = 16384  # the shared pool's size (kv_unified only)
     batch_tokens: int = 512
     threads: int = 0  # 0: one per CPU core

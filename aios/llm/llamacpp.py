@@ -82,6 +82,7 @@ class LlamaCppEngine:
         cparams.n_ubatch = config.batch_tokens
         cparams.n_seq_max = config.kv_sequences
         cparams.kv_unified = config.kv_unified  # False: one stream of n_ctx / n_seq per sequence
+        cparams.flash_attn_type = 1 if config.flash_attn else 0  # enabled / disabled, not auto
         cparams.n_threads = config.n_threads
         cparams.n_threads_batch = config.n_threads
         cparams.no_perf = True
