@@ -300,3 +300,24 @@ async def test_short_idle_contexts_are_dropped_not_parked() -> None:
         await complete(core, "a", prompt_call("hi"))
         assert core.stats.parked == 0
         assert len(core.snapshots) == 0
+
+
+async def test_a_cached_slot_copied_from_is_not_evicted_before_the_copy() -> None:
+    """Regression: request A copies a prefix from cached slot S; request B, admitted in the
+    same step, needs S's KV cells. S must be cleared after the copy, not before it."""
+    prefix = "shared instructions for every agent in this test " * 2
+    limits: dict[str, Any] = {
+        "slots": 2,
+        "cache_slots": 1,
+        "context_tokens": 1024,
+        "max_sequence_tokens": 1024,
+    }
+    async with running_core(**limits) as (core, fake):
+        await complete(core, "x", prompt_call(prefix + "from x"))
+        assert core.cached == 1
+        a = core.submit("a", prompt_call(prefix + "from a", max_tokens=20))
+        b = core.submit("b", prompt_call("b", max_tokens=850))  # 851 + 126 + cached > 1024
+        await asyncio.gather(a.future, b.future)
+        assert a.reused_tokens >= len(tokenize(prefix))
+        plan = next(p for p in fake.plans if p.copies)
+        assert plan.trims and plan.trims[-1][1] == 0  # the source cleared after its copy

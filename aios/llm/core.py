@@ -445,6 +445,11 @@ class LLMCore:
         self._cached_kv -= len(cached.tokens)
         self._free_slots.append(slot)
         target = plan if plan is not None else self._next
+        if plan is not None and any(copy.src == slot for copy in plan.copies):
+            # A copy in this very step reads this slot: clear it after the copies (a trim),
+            # not before them (saves and releases run first).
+            plan.trims.append((slot, 0))
+            return
         if not (park and len(cached.tokens) >= MIN_PARK and self.config.max_parked):
             target.releases.append(slot)
             return
