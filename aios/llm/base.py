@@ -12,7 +12,39 @@ from __future__ import annotations
 from typing import Protocol
 
 from aios.config import AnyCoreConfig, CoreConfig, RemoteCoreConfig
-from aios.syscall import LLMCall, LLMRequest
+from aios.syscall import AgentLedger, LLMCall, LLMRequest
+
+
+class AgentBook:
+    """What a core keeps per agent for its scheduling policy: each agent's ledger of attained
+    service, and an output-length predictor (an EMA of past lengths per agent kind and call
+    index, falling back to the kind's EMA over all its calls)."""
+
+    def __init__(self) -> None:
+        self._ledgers: dict[str, AgentLedger] = {}
+        self._lengths: dict[tuple[str, int], float] = {}
+
+    def enroll(self, request: LLMRequest, kind: str) -> None:
+        """Attach ``request`` to its agent's ledger and predict its output length."""
+        ledger = self._ledgers.setdefault(request.agent, AgentLedger())
+        request.ledger = ledger
+        request.kind = kind
+        request.call_index = ledger.calls
+        ledger.calls += 1
+        lengths = self._lengths
+        predicted = lengths.get((kind, request.call_index)) or lengths.get((kind, -1))
+        if predicted is not None:
+            request.predicted_tokens = max(1, min(request.max_tokens, round(predicted)))
+
+    def learn(self, request: LLMRequest) -> None:
+        """A request finished: fold its output length into the predictor."""
+        new = float(request.generated)
+        for key in ((request.kind, request.call_index), (request.kind, -1)):
+            old = self._lengths.get(key)
+            self._lengths[key] = new if old is None else 0.5 * old + 0.5 * new
+
+    def forget(self, agent: str) -> None:
+        self._ledgers.pop(agent, None)
 
 
 class CoreCounters(Protocol):

@@ -41,6 +41,7 @@ from aios.errors import (
     KernelShutdown,
     Overloaded,
 )
+from aios.llm.base import AgentBook
 from aios.llm.engine import (
     BatchItem,
     Engine,
@@ -52,7 +53,7 @@ from aios.llm.engine import (
     StepPlan,
 )
 from aios.scheduler import Capacity, Policy
-from aios.syscall import AgentLedger, Completion, LLMCall, LLMRequest, Status
+from aios.syscall import Completion, LLMCall, LLMRequest, Status
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,7 @@ class LLMCore:
         self._parked: OrderedDict[str, CachedSeq] = OrderedDict()
         self._park_keys = itertools.count(1)
         self._reserved_kv = 0
-        self._ledgers: dict[str, AgentLedger] = {}
-        self._lengths: dict[tuple[str, int], float] = {}  # (kind, call index) -> output EMA
+        self._book = AgentBook()  # per-agent ledgers and output-length predictions
         self._wake = asyncio.Event()
         self._closed = False
         self._dead: CoreError | None = None
@@ -214,14 +214,7 @@ class LLMCore:
                 f"{limit} tokens model {self.name!r} allows per sequence"
             )
         request = LLMRequest(agent, self._clock(), call, tokens, max_tokens, priority=priority)
-        ledger = self._ledgers.setdefault(agent, AgentLedger())
-        request.ledger = ledger
-        request.kind = kind
-        request.call_index = ledger.calls
-        ledger.calls += 1
-        predicted = self._lengths.get((kind, request.call_index)) or self._lengths.get((kind, -1))
-        if predicted is not None:
-            request.predicted_tokens = max(1, min(max_tokens, round(predicted)))
+        self._book.enroll(request, kind)
         self._waiting.append(request)
         self._wake.set()
         return request
@@ -241,7 +234,7 @@ class LLMCore:
 
     def forget(self, agent: str) -> None:
         """``agent`` exited: free the KV it left cached or parked and its scheduling ledger."""
-        self._ledgers.pop(agent, None)
+        self._book.forget(agent)
         for slot in [s for s, c in self._cached.items() if c.agent == agent]:
             self._evict(slot, park=False)
         parked = self._parked.pop(agent, None)
@@ -530,10 +523,7 @@ class LLMCore:
         else:
             self._free_slots.append(slot)
             self._next.releases.append(slot)
-        for key in ((request.kind, request.call_index), (request.kind, -1)):
-            old = self._lengths.get(key)
-            new = float(request.generated)
-            self._lengths[key] = new if old is None else 0.5 * old + 0.5 * new
+        self._book.learn(request)
         self.stats.completed += 1
         request.complete(now, self._completion(request))
 

@@ -71,8 +71,9 @@ from aios.errors import (
     ModelNotFound,
     Overloaded,
 )
+from aios.llm.base import AgentBook
 from aios.scheduler import Capacity, Policy
-from aios.syscall import AgentLedger, Completion, LLMCall, LLMRequest, Status, Usage
+from aios.syscall import Completion, LLMCall, LLMRequest, Status, Usage
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,7 @@ class RemoteCore:
         # Tasks still alive, including pre-empted ones still closing their connection: a slot
         # is free only when its task has ended, so the server never sees more than the bound.
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ledgers: dict[str, AgentLedger] = {}
-        self._lengths: dict[tuple[str, int], float] = {}  # (kind, call index) -> output EMA
+        self._book = AgentBook()  # per-agent ledgers and output-length predictions
         self._wake = asyncio.Event()
         self._closed = False
         self._dead: CoreError | None = None
@@ -247,14 +247,7 @@ class RemoteCore:
             max_tokens,
             priority=priority,
         )
-        ledger = self._ledgers.setdefault(agent, AgentLedger())
-        request.ledger = ledger
-        request.kind = kind
-        request.call_index = ledger.calls
-        ledger.calls += 1
-        predicted = self._lengths.get((kind, request.call_index)) or self._lengths.get((kind, -1))
-        if predicted is not None:
-            request.predicted_tokens = max(1, min(max_tokens, round(predicted)))
+        self._book.enroll(request, kind)
         self._waiting.append(request)
         self._wake.set()
         return request
@@ -275,7 +268,7 @@ class RemoteCore:
 
     def forget(self, agent: str) -> None:
         """``agent`` exited: drop its scheduling ledger (the server keeps no KV of ours)."""
-        self._ledgers.pop(agent, None)
+        self._book.forget(agent)
 
     # -- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -534,10 +527,7 @@ class RemoteCore:
         request.task = None
         request.end_leg()
         usage = request.usage
-        for key in ((request.kind, request.call_index), (request.kind, -1)):
-            old = self._lengths.get(key)
-            new = float(request.generated)
-            self._lengths[key] = new if old is None else 0.5 * old + 0.5 * new
+        self._book.learn(request)
         self.stats.completed += 1
         self.stats.prompt_tokens += usage.prompt_tokens
         self.stats.completion_tokens += usage.completion_tokens
