@@ -42,6 +42,21 @@ ModelOpt = Annotated[
     ),
 ]
 SlotsOpt = Annotated[int, typer.Option(help="Sequences the core decodes together in one batch.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Bearer token (default: $AIOS_TOKEN, else the admin token in the data dir).",
+        show_default=False,
+    ),
+]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(help="Kernel URL (default: $AIOS_URL, else from the config's host and port)."),
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="TOML config file (default: $AIOS_CONFIG, or none)."),
+]
 VerboseOpt = Annotated[
     bool, typer.Option("--verbose", "-v", help="Show debug logs (llama.cpp too).")
 ]
@@ -87,14 +102,29 @@ def run(
             help="Tokens a request runs before it may be pre-empted (rr, priority, fair)."
         ),
     ] = 32,
+    url: Annotated[
+        str | None,
+        typer.Option(help="Run against a running kernel (aios serve) at this URL instead."),
+    ] = None,
+    token: TokenOpt = None,
+    submit: Annotated[
+        bool,
+        typer.Option(help="With --url: the kernel runs the agents as its own tasks."),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Start a kernel on the embedded model and run N example agents concurrently.
+    """Start a kernel on the embedded model and run N example agents concurrently; or, with
+    --url, run them against a running kernel: here, as HTTP clients (default), or in the
+    kernel itself (--submit).
 
     Example: aios run --agents 8 --agent writer --policy rr --quantum 16
+    Example: aios run --url http://127.0.0.1:8080 --submit --agents 4
     """
     if agents < 1:
         raise typer.BadParameter("--agents must be >= 1")
+    if url is not None:
+        _run(_run_remote(agents, agent, url, _token(token), submit), verbose)
+        return
     if policy not in POLICIES:
         raise typer.BadParameter(f"--policy must be one of {', '.join(POLICIES)}")
     if quantum < 1:
@@ -102,17 +132,60 @@ def run(
     _run(_run_agents(agents, agent, _kernel_config(model, slots, policy, quantum)), verbose)
 
 
-async def _run_agents(n: int, agent: str, config: KernelConfig) -> None:
+def _jobs(n: int, agent: str) -> list[tuple[type[Any], str]]:
+    """``n`` (agent class, task) pairs: one kind, or the example kinds in turn."""
     from aios.agents import AGENTS, get_agent, tasks_for
+
+    kinds = list(AGENTS.values()) if agent == "mixed" else [get_agent(agent)]
+    per_kind = {cls: tasks_for(cls, n) for cls in kinds}
+    return [
+        (kinds[i % len(kinds)], per_kind[kinds[i % len(kinds)]][i // len(kinds)]) for i in range(n)
+    ]
+
+
+async def _run_remote(n: int, agent: str, url: str, token: str, submit: bool) -> None:
+    from aios.sdk.http import AsyncClient
+
+    jobs = _jobs(n, agent)
+    started = time.monotonic()
+    async with AsyncClient(url, token) as client:
+        if submit:
+            spawned = [await client.spawn(cls.name, task) for cls, task in jobs]
+            rows = await asyncio.gather(*(_finished(client, p["id"]) for p in spawned))
+        else:
+
+            async def one(cls: type[Any], task: str) -> dict[str, Any]:
+                try:
+                    return {"name": cls.name, "task": task, "result": await cls(client).run(task)}
+                except AIOSError as e:
+                    return {"name": cls.name, "task": task, "error": f"{e.code}: {e}"}
+
+            rows = await asyncio.gather(*(one(cls, task) for cls, task in jobs))
+    elapsed = time.monotonic() - started
+    where = "in the kernel" if submit else "as HTTP clients"
+    table = Table(title=f"{n} agents via {url} ({elapsed:.1f} s, {where})")
+    for col in ("agent", "task", "result"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        result = row.get("result") or f"[red]{row.get('error')}[/red]"
+        table.add_row(row.get("id", row["name"]), row["task"], str(result)[:160])
+    console.print(table)
+    if any(row.get("error") for row in rows):
+        raise typer.Exit(1)
+
+
+async def _finished(client: Any, process_id: str) -> dict[str, Any]:
+    while True:  # long-polls: each wait returns when the process ends (or after 60 s)
+        process: dict[str, Any] = await client.wait(process_id, timeout=60)
+        if process["state"] in ("done", "failed"):
+            return process
+
+
+async def _run_agents(n: int, agent: str, config: KernelConfig) -> None:
     from aios.kernel import Kernel
     from aios.llm.core import LLMCore
 
-    kinds = list(AGENTS.values()) if agent == "mixed" else [get_agent(agent)]
-    jobs = []
-    per_kind = {cls: tasks_for(cls, n) for cls in kinds}
-    for i in range(n):
-        cls = kinds[i % len(kinds)]
-        jobs.append((cls, per_kind[cls][i // len(kinds)]))
+    jobs = _jobs(n, agent)
 
     async with Kernel(config) as kernel:
         core = kernel.cores["default"]
@@ -269,6 +342,210 @@ def _bench_command(name: str, help_text: str) -> None:
 
 for _name, _help in BENCHMARKS.items():
     _bench_command(_name, _help)
+
+
+# -- the server and its clients ---------------------------------------------------------------
+agent_app = typer.Typer(help="Agent identities: bearer tokens for agents.", no_args_is_help=True)
+app.add_typer(agent_app, name="agent")
+
+
+def _settings(config: str | None) -> Any:
+    from aios.server.config import load_settings
+
+    try:
+        return load_settings(config)
+    except AIOSError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _token(token: str | None, config: str | None = None) -> str:
+    import os
+
+    from aios.server.main import read_admin_token
+
+    found = token or os.environ.get("AIOS_TOKEN")
+    if not found:
+        found = read_admin_token(_settings(config).server.data_path)
+    if not found:
+        err.print("[red]error:[/red] no token: pass --token, set AIOS_TOKEN, or start aios serve")
+        raise typer.Exit(2)
+    return found
+
+
+def _url(url: str | None, config: str | None = None) -> str:
+    import os
+
+    if url or os.environ.get("AIOS_URL"):
+        return str(url or os.environ["AIOS_URL"])
+    server = _settings(config).server
+    return f"http://{server.host}:{server.port}"
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8080).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="The default core's model.")
+    ] = None,
+    policy: Annotated[
+        str | None, typer.Option(help=f"Scheduling policy: {', '.join(POLICIES)}.")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the kernel as a server: the syscall API (/api/v1), the OpenAI-compatible API (/v1)
+    and the docs (/docs). Options override the config file and the environment.
+
+    Example: aios serve --port 8080 --policy spf
+    """
+    import os
+
+    from aios.server.config import load_settings
+    from aios.server.main import serve as serve_forever
+
+    env = dict(os.environ)
+    overrides = {"AIOS_HOST": host, "AIOS_PORT": port, "AIOS_MODEL": model, "AIOS_POLICY": policy}
+    env.update({k: str(v) for k, v in overrides.items() if v is not None})
+    try:
+        settings = load_settings(config, env)
+    except AIOSError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    server = settings.server
+    err.print(
+        f"aios serving on http://{server.host}:{server.port} (docs: /docs); data in "
+        f"{server.data_path}; admin token: $AIOS_ADMIN_TOKEN or {server.data_path / 'admin.token'}"
+    )
+    _run(serve_forever(settings), verbose)
+
+
+@agent_app.command("create")
+def agent_create(
+    name: Annotated[str, typer.Argument(help="The agent's name (its identity).")],
+    group: Annotated[
+        list[str] | None, typer.Option("--group", "-g", help="A group (repeatable).")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Issue a bearer token for a new agent (printed once; only its hash is stored).
+
+    Example: aios agent create alice --group research
+    """
+    from aios.server.main import open_identities
+
+    identities = open_identities(_settings(config))
+    try:
+        identity, token = identities.create(name, tuple(group or ()))
+    except AIOSError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    finally:
+        identities.close()
+    err.print(f"agent {identity.name!r} created; its token (shown once):")
+    console.print(token, markup=False, highlight=False)
+
+
+@agent_app.command("list")
+def agent_list(config: ConfigOpt = None) -> None:
+    """List agent identities."""
+    from aios.server.main import open_identities
+
+    identities = open_identities(_settings(config))
+    try:
+        for identity in identities.list():
+            groups = ",".join(identity.groups) or "-"
+            console.print(
+                f"{identity.name}\tgroups={groups}{'  (admin)' if identity.admin else ''}"
+            )
+    finally:
+        identities.close()
+
+
+@agent_app.command("revoke")
+def agent_revoke(name: str, config: ConfigOpt = None) -> None:
+    """Revoke an agent's token (it stops working at once)."""
+    from aios.server.main import open_identities
+
+    identities = open_identities(_settings(config))
+    try:
+        if not identities.revoke(name):
+            err.print(f"[red]error:[/red] no agent named {name!r}")
+            raise typer.Exit(1)
+    except AIOSError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    finally:
+        identities.close()
+    err.print(f"agent {name!r} revoked")
+
+
+@app.command()
+def ps(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt = None) -> None:
+    """List the agents of a running kernel with their state and usage (the admin token sees
+    all of them, an agent's token its own).
+
+    Example: aios ps
+    """
+    from aios.sdk.http import Client
+
+    try:
+        with Client(_url(url, config), _token(token, config), retries=1) as client:
+            processes = client.processes()
+    except AIOSError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    table = Table(box=None, header_style="bold")
+    for col in (
+        "ID",
+        "NAME",
+        "OWNER",
+        "STATE",
+        "CALLS",
+        "IN FLIGHT",
+        "TOKENS IN",
+        "TOKENS OUT",
+        "WAITED s",
+        "AGE s",
+    ):
+        table.add_column(col)
+    for p in processes:
+        table.add_row(
+            p["id"],
+            p["name"],
+            p["owner"] or "-",
+            p["state"],
+            str(p["syscalls"]),
+            str(len(p["inflight"])),
+            str(p["prompt_tokens"]),
+            str(p["completion_tokens"]),
+            f"{p['waited_s']:.2f}",
+            f"{p['age_s']:.0f}",
+        )
+    console.print(table)
+
+
+@app.command()
+def kill(
+    process_id: Annotated[str, typer.Argument(help="Process id (see aios ps).")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Stop an agent: cancel its task and its syscalls in flight.
+
+    Example: aios kill agent-3
+    """
+    from aios.sdk.http import Client
+
+    try:
+        with Client(_url(url, config), _token(token, config), retries=1) as client:
+            process = client.kill(process_id)
+    except AIOSError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    err.print(f"{process['id']}: {process['state']}")
 
 
 def main() -> None:

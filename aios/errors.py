@@ -46,9 +46,32 @@ class ContextOverflow(InvalidRequest):
 
 
 class Overloaded(AIOSError):
-    """A queue is full; retry later instead of queueing without bound."""
+    """A queue or a limit is full; retry after ``retry_after`` seconds instead of queueing
+    without bound."""
 
     code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unauthenticated(AIOSError):
+    """No credential, or one the kernel does not know."""
+
+    code = "unauthenticated"
+
+
+class PermissionDenied(AIOSError):
+    """The caller's identity may not do this."""
+
+    code = "permission_denied"
+
+
+class NotFound(AIOSError):
+    """No such object (or none the caller may see)."""
+
+    code = "not_found"
 
 
 class QuotaExceeded(AIOSError):
@@ -90,3 +113,20 @@ class CoreUnavailable(CoreError):
     answering); a router resubmits the call to another core."""
 
     code = "core_unavailable"
+
+
+class Unreachable(AIOSError):
+    """The kernel could not be reached over HTTP (after the client's retries)."""
+
+    code = "unreachable"
+
+
+def error_classes() -> dict[str, type[AIOSError]]:
+    """Every error class by its code (how clients map an error body back to a type)."""
+    found: dict[str, type[AIOSError]] = {}
+    stack: list[type[AIOSError]] = [AIOSError]
+    while stack:
+        cls = stack.pop()
+        found.setdefault(cls.code, cls)
+        stack.extend(cls.__subclasses__())
+    return found

@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import AsyncExitStack, aclosing
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig, RouterConfig
-from aios.errors import AIOSError, DeadlineExceeded, InvalidRequest, KernelShutdown, ModelNotFound
+from aios.errors import (
+    AIOSError,
+    DeadlineExceeded,
+    InvalidRequest,
+    KernelShutdown,
+    ModelNotFound,
+    SyscallCancelled,
+)
 from aios.llm.base import Core
 from aios.llm.core import LLMCore
 from aios.llm.engine import Engine
@@ -25,12 +33,14 @@ from aios.llm.router import Router
 from aios.process import AgentProcess
 from aios.quota import Quotas
 from aios.scheduler import make_policy
-from aios.syscall import Completion, LLMCall, LLMRequest
+from aios.syscall import Completion, LLMCall, LLMRequest, Syscall
 
 if TYPE_CHECKING:
     from aios.sdk.agent import Agent
 
 EngineFactory = Callable[[CoreConfig], Engine]
+V = TypeVar("V")
+MAX_FINISHED = 4096  # finished processes and syscalls kept for inspection (ps, status)
 
 
 def llamacpp_engine(config: CoreConfig) -> Engine:
@@ -53,9 +63,12 @@ class Kernel:
         self.processes: dict[str, AgentProcess] = {}
         self._engine_factory = engine_factory
         self._clock = clock
+        self.clock = clock  # the clock of every timestamp the kernel records
         self.quotas = Quotas(self.config.quota, clock=clock)
         self._tasks: asyncio.TaskGroup | None = None
         self._loops: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[AgentProcess]] = set()
+        self.syscalls: dict[str, tuple[Syscall, AgentProcess]] = {}
 
     # -- lifespan --------------------------------------------------------------------------
     async def __aenter__(self) -> Kernel:
@@ -89,7 +102,7 @@ class Kernel:
         """Shutdown is cancellation: stop the loops, fail what is in flight, free the models.
         The body's own exception propagates unchanged (not wrapped in an ExceptionGroup)."""
         tasks, self._tasks = self._tasks, None
-        for loop in self._loops:
+        for loop in [*self._loops, *self._spawned]:
             loop.cancel()
         await self._close_cores()
         if tasks is not None:
@@ -115,20 +128,39 @@ class Kernel:
             await core.close()
 
     # -- processes -------------------------------------------------------------------------
-    def register(self, name: str, task: str = "") -> AgentProcess:
+    def register(
+        self, name: str, task: str = "", *, owner: str | None = None, external: bool = False
+    ) -> AgentProcess:
         """Create a process-table entry; its id is the identity of every syscall it makes."""
-        process = AgentProcess(name=name, task=task, started=self._clock())
+        process = AgentProcess(
+            name=name, task=task, started=self._clock(), owner=owner, external=external
+        )
+        if external:
+            process.id = f"@{owner}"
         self.processes[process.id] = process
+        self._prune(self.processes, MAX_FINISHED, lambda p: p.state.finished)
+        return process
+
+    def session(self, owner: str) -> AgentProcess:
+        """The process of an agent that lives outside the kernel (one per identity)."""
+        process = self.processes.get(f"@{owner}")
+        if process is None:
+            process = self.register(owner, owner=owner, external=True)
         return process
 
     async def run_agent(
-        self, agent_cls: type[Agent], task: str, *, name: str | None = None
+        self,
+        agent_cls: type[Agent],
+        task: str,
+        *,
+        name: str | None = None,
+        process: AgentProcess | None = None,
     ) -> AgentProcess:
         """Run one agent to completion. Its failure is recorded, never raised: one broken
-        agent must not take the others down."""
+        agent must not take the others down. Cancellation (``kill``) is recorded, then raised."""
         from aios.sdk.local import LocalClient
 
-        process = self.register(name or agent_cls.name, task)
+        process = process or self.register(name or agent_cls.name, task)
         agent = agent_cls(LocalClient(self, process))
         try:
             result = await agent.run(task)
@@ -136,11 +168,33 @@ class Kernel:
             process.exit(self._clock(), error=f"{e.code}: {e}")
         except Exception as e:
             process.exit(self._clock(), error=f"agent error: {type(e).__name__}: {e}")
+        except asyncio.CancelledError:
+            process.exit(self._clock(), error="killed")
+            raise
         else:
             process.exit(self._clock(), result=result)
         finally:
             self.release(process)
         return process
+
+    def spawn(self, agent_cls: type[Agent], task: str, *, owner: str | None = None) -> AgentProcess:
+        """Start an agent as a kernel task and return its process at once."""
+        if self._tasks is None:
+            raise KernelShutdown("the kernel is not running")
+        process = self.register(agent_cls.name, task, owner=owner)
+        process.runner = self._tasks.create_task(
+            self.run_agent(agent_cls, task, process=process), name=process.id
+        )
+        self._spawned.add(process.runner)
+        process.runner.add_done_callback(self._spawned.discard)
+        return process
+
+    def kill(self, process: AgentProcess) -> None:
+        """Stop an agent: cancel its task (a spawned agent) and its syscalls in flight."""
+        if process.runner is not None and not process.runner.done():
+            process.runner.cancel()
+        for syscall in list(process.inflight):
+            self.cancel(syscall)
 
     def release(self, process: AgentProcess) -> None:
         """An agent is gone: its cores drop the KV they kept for its next call."""
@@ -157,6 +211,17 @@ class Kernel:
             raise ModelNotFound(f"no LLM core named {name!r}; available: {', '.join(self.cores)}")
         return core
 
+    def syscall(self, syscall_id: str) -> tuple[Syscall, AgentProcess] | None:
+        """A syscall in flight or recently finished, with the process that made it."""
+        return self.syscalls.get(syscall_id)
+
+    def cancel(self, syscall: Syscall) -> None:
+        """Cancel a syscall in flight (its caller gets :class:`SyscallCancelled`)."""
+        if isinstance(syscall, LLMRequest) and not syscall.status.finished:
+            core = self.cores.get(syscall.call.model or self.config.default_model)
+            if core is not None:
+                core.cancel(syscall)
+
     async def llm(
         self,
         process: AgentProcess,
@@ -167,42 +232,102 @@ class Kernel:
     ) -> Completion:
         """The LLM syscall: queue ``call`` for ``process`` and wait for its completion.
         ``priority`` is a hint for the priority policy (higher runs first)."""
+        async with aclosing(
+            self.llm_stream(process, call, timeout=timeout, priority=priority, deltas=False)
+        ) as events:
+            async for event in events:
+                if isinstance(event, Completion):
+                    return event
+        raise AssertionError("an LLM syscall ends with a completion or an error")
+
+    async def llm_stream(
+        self,
+        process: AgentProcess,
+        call: LLMCall,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        deltas: bool = True,
+    ) -> AsyncGenerator[LLMRequest | str | Completion, None]:
+        """The LLM syscall, streamed: the request once it is queued (its id names it for a
+        cancel), then its text as it becomes final (never a piece a stop string later cuts
+        off), then the :class:`Completion`. Errors before the request is queued raise before
+        anything is yielded. Closing the iterator early cancels the call and frees its slot."""
         if timeout is not None and not timeout > 0:
             raise InvalidRequest(f"timeout must be > 0 seconds, got {timeout!r}")
+        budget = timeout or self.config.syscall_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
         core = self.core_for(call.model)
         request: LLMRequest | None = None
         completion: Completion | None = None
         try:
-            # Waiting for a place under the agent's quota counts against the deadline.
-            async with (
-                asyncio.timeout(timeout or self.config.syscall_timeout),
-                self.quotas.admit(process.id),
-            ):
+            async with AsyncExitStack() as held:
+                try:  # waiting for a place under the agent's quota counts against the deadline
+                    async with asyncio.timeout_at(deadline):
+                        await held.enter_async_context(self.quotas.admit(process.id))
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"{process.id} had {self.quotas.in_flight(process.id)} LLM calls in "
+                        f"flight (its max_parallel quota) for {budget:g}s; this call never started"
+                    ) from None
                 request = core.submit(process.id, call, priority=priority, kind=process.name)
-                process.current = request
-                result: Completion = await asyncio.shield(request.future)
-            completion = result
-            return result
-        except TimeoutError:
-            if request is None:
-                raise DeadlineExceeded(
-                    f"{process.id} had {self.quotas.in_flight(process.id)} LLM calls in flight "
-                    f"(its max_parallel quota) for {timeout or self.config.syscall_timeout:g}s; "
-                    "this call never started"
-                ) from None
-            core.cancel(request)
-            raise DeadlineExceeded(
-                f"{request.id} did not finish within {timeout or self.config.syscall_timeout:g}s "
-                f"({request.status.value}); its slot was released"
-            ) from None
-        except asyncio.CancelledError:
-            if request is not None:
-                core.cancel(request)  # the caller went away: free the slot now
-            raise
+                self._track(process, request)
+                yield request
+                changed = request.watch() if deltas else None
+                sent = 0
+                while True:
+                    if not await _progress(request, changed, deadline):
+                        core.cancel(request)
+                        raise DeadlineExceeded(
+                            f"{request.id} did not finish within {budget:g}s "
+                            f"({request.status.value}); its slot was released"
+                        )
+                    if deltas and (end := request.stream_end()) > sent:
+                        yield request.text[sent:end]
+                        sent = end
+                    if request.future.done():
+                        break
+                if request.future.cancelled():
+                    raise SyscallCancelled(f"{request.id} was cancelled")
+                completion = request.future.result()  # or its typed error
+            yield completion
         finally:
             if request is not None:
-                process.current = None
+                core.cancel(request)  # no-op once finished; frees the slot if the caller left
                 process.account(request, completion)
                 # Prompt + completion tokens, once the call reached the model.
                 if completion is not None or request.timings.admitted is not None:
                     self.quotas.charge(process.id, request.usage.total_tokens)
+
+    def _track(self, process: AgentProcess, syscall: Syscall) -> None:
+        process.inflight.append(syscall)
+        self.syscalls[syscall.id] = (syscall, process)
+        self._prune(self.syscalls, MAX_FINISHED, lambda entry: entry[0].status.finished)
+
+    @staticmethod
+    def _prune(table: dict[str, V], limit: int, finished: Callable[[V], bool]) -> None:
+        """Keep at most ``limit`` finished entries (the oldest go first)."""
+        if len(table) <= limit:
+            return
+        done = [key for key, value in table.items() if finished(value)]
+        for key in done[: len(done) - limit // 2]:
+            del table[key]
+
+
+async def _progress(request: LLMRequest, changed: asyncio.Event | None, deadline: float) -> bool:
+    """Wait until ``request`` ends (or, when watched, makes progress); False at the deadline."""
+    if request.future.done():
+        return True
+    if changed is None:
+        done, _ = await asyncio.wait(
+            [request.future], timeout=max(0.0, deadline - asyncio.get_running_loop().time())
+        )
+        return bool(done)
+    try:
+        async with asyncio.timeout_at(deadline):
+            await changed.wait()
+    except TimeoutError:
+        return False
+    changed.clear()
+    return True

@@ -1,7 +1,13 @@
-"""The process table: one entry per agent the kernel runs, with its state and usage."""
+"""The process table: one entry per agent the kernel serves, with its state and usage.
+
+Two kinds of entries: an agent program the kernel runs as a task (``agent-N``, from
+``run_agent`` or ``spawn``), and an agent outside the kernel that makes syscalls over HTTP with
+its credential (``@name``, one entry per identity, created on its first syscall).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 from dataclasses import dataclass, field
@@ -11,6 +17,7 @@ from aios.syscall import Completion, Status, Syscall
 
 class AgentState(enum.Enum):
     RUNNING = "running"  # the agent's own code runs (between syscalls)
+    IDLE = "idle"  # an agent outside the kernel with no syscall in flight
     QUEUED = "queued"  # blocked on a syscall that waits for a resource
     GENERATING = "generating"  # blocked on an LLM syscall the core is running
     DONE = "done"
@@ -26,12 +33,15 @@ _pids = itertools.count(1)
 
 @dataclass
 class AgentProcess:
-    """An agent as the kernel sees it. Its ``id`` is its identity for every syscall it makes."""
+    """An agent as the kernel sees it. Its ``id`` is its identity for every syscall it makes;
+    ``owner`` is the credential it runs under (None: the kernel's own, in-process caller)."""
 
     name: str
     task: str
     started: float
     id: str = field(default_factory=lambda: f"agent-{next(_pids)}")
+    owner: str | None = None
+    external: bool = False  # lives outside the kernel (an HTTP client); never exits
     finished: float | None = None
     result: str | None = None
     error: str | None = None
@@ -39,9 +49,15 @@ class AgentProcess:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     waited: float = 0.0  # total time its syscalls spent queued
-    current: Syscall | None = None
+    inflight: list[Syscall] = field(default_factory=list)
+    runner: asyncio.Task[AgentProcess] | None = None  # the task running it (spawned agents)
     _done: bool = False
     _failed: bool = False
+
+    @property
+    def current(self) -> Syscall | None:
+        """Its most recent syscall in flight."""
+        return self.inflight[-1] if self.inflight else None
 
     @property
     def state(self) -> AgentState:
@@ -49,9 +65,12 @@ class AgentProcess:
             return AgentState.FAILED
         if self._done:
             return AgentState.DONE
-        if self.current is None or self.current.status.finished:
-            return AgentState.RUNNING
-        return AgentState.QUEUED if self.current.status is Status.QUEUED else AgentState.GENERATING
+        statuses = {s.status for s in self.inflight}
+        if Status.RUNNING in statuses:
+            return AgentState.GENERATING
+        if Status.QUEUED in statuses:
+            return AgentState.QUEUED
+        return AgentState.IDLE if self.external else AgentState.RUNNING
 
     @property
     def turnaround(self) -> float | None:
@@ -59,6 +78,7 @@ class AgentProcess:
 
     def account(self, syscall: Syscall, completion: Completion | None) -> None:
         """Charge a finished syscall to this agent."""
+        self.inflight.remove(syscall)
         self.syscalls += 1
         self.waited += syscall.timings.waited
         if completion is not None:

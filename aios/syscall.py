@@ -69,6 +69,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     json: bool = False
     ignore_eos: bool = False
+    # A JSON Schema (serialized) the output must match; implies JSON output. The embedded core
+    # compiles it to a grammar, remote cores send it as ``response_format`` ``json_schema``.
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
@@ -86,6 +89,23 @@ class SamplingParams:
             raise InvalidRequest(f"seed must be in [0, 2**32), got {self.seed!r}")
         if len(self.stop) > 8 or any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest("stop must be at most 8 non-empty strings")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except (TypeError, ValueError):
+                raise InvalidRequest(
+                    "json_schema must be a JSON Schema serialized as a string"
+                ) from None
+            if not isinstance(schema, dict):
+                raise InvalidRequest("json_schema must be a JSON object (a JSON Schema)")
+            from aios.llm.grammar import json_grammar
+
+            json_grammar(self.json_schema)  # raises InvalidRequest if it cannot be compiled
+
+    @property
+    def json_output(self) -> bool:
+        """The output is constrained to JSON (an object, or one matching ``json_schema``)."""
+        return self.json or self.json_schema is not None
 
     @property
     def greedy(self) -> bool:
@@ -172,6 +192,16 @@ class Syscall:
         self.timings = Timings(submitted=now)
         self.error: BaseException | None = None
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.changed: asyncio.Event | None = None  # see watch()
+
+    def watch(self) -> asyncio.Event:
+        """An event set whenever the call makes progress (a token) or ends; the watcher
+        clears it. Only watched calls pay for the notifications."""
+        if self.changed is None:
+            self.changed = asyncio.Event()
+            if self.status.finished:
+                self.changed.set()
+        return self.changed
 
     # -- transitions ---------------------------------------------------------------------
     def admit(self, now: float) -> None:
@@ -204,6 +234,8 @@ class Syscall:
         assert not self.status.finished, f"{self.id} already {self.status.value}"
         self.status = status
         self.timings.finished = now
+        if self.changed is not None:
+            self.changed.set()
 
 
 class LLMRequest(Syscall):
@@ -239,7 +271,7 @@ class LLMRequest(Syscall):
         self.snapshot: str | None = None  # key of its saved context while pre-empted
         self.reused_tokens = 0  # prompt tokens found in the KV cache at admission
         self.kv_len = 0  # positions of this request in its slot's KV after the planned step
-        self.kind = ""  # the agent's program name (keys the output-length predictor)
+        self.program = ""  # the agent's program name (keys the output-length predictor)
         self.defer_on: LLMRequest | None = None  # waits for this one's prefill to copy it
         self.defer_n = 0  # ... up to this many tokens
         self.call_index = 0  # how many calls its agent made on this core before this one
@@ -281,9 +313,24 @@ class LLMRequest(Syscall):
     def usage(self) -> Usage:
         return Usage(len(self.prompt_tokens), len(self.output_tokens))
 
+    def stream_end(self) -> int:
+        """How much of ``text`` is final: all of it once the call ended; before that, all but
+        a tail that could still become a stop string (and be cut off)."""
+        text = self.text
+        if self.status.finished or not self.params.stop:
+            return len(text)
+        longest = min(len(text), max(len(s) for s in self.params.stop) - 1)
+        for keep in range(longest, 0, -1):
+            tail = text[-keep:]
+            if any(stop.startswith(tail) for stop in self.params.stop):
+                return len(text) - keep
+        return len(text)
+
     def append(self, token: int, piece: bytes) -> None:
         """Record one sampled token and its text, then apply stop strings and JSON mode."""
         self.output_tokens.append(token)
+        if self.changed is not None:
+            self.changed.set()
         before = len(self.text)
         self.text += self._utf8.decode(piece)
         # Search only where a new match can start (the new text plus a stop-length overlap);
@@ -297,7 +344,7 @@ class LLMRequest(Syscall):
             self.text = self.text[: min(hits)]
             self.finish_reason = "stop"
             return
-        if self.params.json and self.text.rstrip().endswith("}") and _is_json(self.text):
+        if self.params.json_output and self.text.rstrip().endswith("}") and _is_json(self.text):
             self.finish_reason = "stop"
         elif len(self.output_tokens) >= self.max_tokens:
             self.finish_reason = "length"

@@ -28,7 +28,7 @@ class AgentBook:
         """Attach ``request`` to its agent's ledger and predict its output length."""
         ledger = self._ledgers.setdefault(request.agent, AgentLedger())
         request.ledger = ledger
-        request.kind = kind
+        request.program = kind
         request.call_index = ledger.calls
         ledger.calls += 1
         lengths = self._lengths
@@ -39,7 +39,7 @@ class AgentBook:
     def learn(self, request: LLMRequest) -> None:
         """A request finished: fold its output length into the predictor."""
         new = float(request.generated)
-        for key in ((request.kind, request.call_index), (request.kind, -1)):
+        for key in ((request.program, request.call_index), (request.program, -1)):
             old = self._lengths.get(key)
             self._lengths[key] = new if old is None else 0.5 * old + 0.5 * new
 

@@ -16,6 +16,7 @@ from typing import Any
 from aios.config import CoreConfig
 from aios.errors import CoreError, InvalidRequest, ModelLoadError
 from aios.llm.engine import ContextStore, Sampled, SeqStart, StepPlan
+from aios.llm.grammar import json_grammar
 from aios.llm.models import resolve_model
 from aios.syscall import Message
 
@@ -204,10 +205,10 @@ class LlamaCppEngine:
         lc = self._lc
         params = start.params
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if params.json:
-            from llama_cpp.llama_grammar import JSON_GBNF
-
-            grammar = lc.llama_sampler_init_grammar(self._vocab, JSON_GBNF.encode(), b"root")
+        if params.json_output:
+            grammar = lc.llama_sampler_init_grammar(
+                self._vocab, json_grammar(params.json_schema).encode(), b"root"
+            )
             if not grammar:
                 lc.llama_sampler_free(chain)
                 raise CoreError("llama.cpp rejected the JSON grammar")

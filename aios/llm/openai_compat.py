@@ -426,7 +426,12 @@ class RemoteCore:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
-        if params.json:
+        if params.json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": json.loads(params.json_schema)},
+            }
+        elif params.json:
             body["response_format"] = {"type": "json_object"}
         if params.ignore_eos:  # an extension (vLLM, SGLang, llama-server); sent only when asked
             body["ignore_eos"] = True

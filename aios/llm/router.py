@@ -70,7 +70,7 @@ class RoutedRequest(LLMRequest):
         self._status = Status.QUEUED
         self._text = ""
         super().__init__(agent, now, call, [], 0, priority=priority)
-        self.kind = kind
+        self.program = kind
 
     @property  # the base class stores it; here it is derived from the inner request
     def status(self) -> Status:
@@ -92,6 +92,12 @@ class RoutedRequest(LLMRequest):
     @text.setter
     def text(self, value: str) -> None:
         self._text = value
+
+    def watch(self) -> asyncio.Event:
+        event = super().watch()
+        if self.inner is not None:
+            self.inner.changed = event
+        return event
 
     @property
     def own_status(self) -> Status:
@@ -208,7 +214,7 @@ class Router:
         for core in self._candidates(request):
             try:
                 inner = core.submit(
-                    request.agent, request.call, priority=request.priority, kind=request.kind
+                    request.agent, request.call, priority=request.priority, kind=request.program
                 )
             except (CoreError, Overloaded) as e:  # that core cannot take it now: next one
                 if isinstance(e, CoreError):  # a dead core refuses every call: skip it a while
@@ -217,6 +223,7 @@ class Router:
                 refusals.append(e)
                 continue
             request.inner, request.core = inner, core
+            inner.changed = request.changed  # a streamed call hears its inner call's tokens
             request.prompt_tokens, request.max_tokens = inner.prompt_tokens, inner.max_tokens
             self._pin(request.agent, core.name)
             self.stats.routed[core.name] += 1

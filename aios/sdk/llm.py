@@ -33,11 +33,7 @@ class LLM:
     ) -> Completion:
         """Chat completion with the model's chat template. Greedy unless ``temperature > 0``;
         ``json=True`` constrains the output to a JSON object."""
-        call = LLMCall(
-            messages=tuple(Message.coerce(m) for m in messages),
-            model=model,
-            params=SamplingParams(max_tokens, temperature, top_p, seed, _stops(stop), json),
-        )
+        call = chat_call(messages, model, max_tokens, temperature, top_p, seed, stop, json)
         return await self._client.llm(call, timeout=timeout)
 
     async def complete(
@@ -54,12 +50,27 @@ class LLM:
         timeout: float | None = None,
     ) -> Completion:
         """Raw text completion (for base models without a chat template)."""
-        call = LLMCall(
-            prompt=prompt,
-            model=model,
-            params=SamplingParams(max_tokens, temperature, top_p, seed, _stops(stop), json),
-        )
+        params = SamplingParams(max_tokens, temperature, top_p, seed, _stops(stop), json)
+        call = LLMCall(prompt=prompt, model=model, params=params)
         return await self._client.llm(call, timeout=timeout)
+
+
+def chat_call(
+    messages: Sequence[Message | dict[str, Any]],
+    model: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: str | Iterable[str] = (),
+    json: bool = False,
+) -> LLMCall:
+    """The LLM call of a chat request (shared by the async and the blocking clients)."""
+    return LLMCall(
+        messages=tuple(Message.coerce(m) for m in messages),
+        model=model,
+        params=SamplingParams(max_tokens, temperature, top_p, seed, _stops(stop), json),
+    )
 
 
 def _stops(stop: str | Iterable[str]) -> tuple[str, ...]:

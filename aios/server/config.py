@@ -1,0 +1,188 @@
+"""Server settings: a TOML file (optional) and environment variables over built-in defaults.
+
+    # aios.toml: every key is optional
+    [server]
+    host = "127.0.0.1"        # AIOS_HOST
+    port = 8080               # AIOS_PORT
+    data_dir = "~/.local/share/aios"   # AIOS_DATA_DIR: identities and the admin token
+
+    [kernel]
+    policy = "fifo"           # AIOS_POLICY
+    syscall_timeout = 600.0
+    [kernel.quota]
+    tokens_per_minute = 200000
+    max_parallel = 8
+
+    [[core]]                  # embedded (the default: SmolLM2; AIOS_MODEL sets its model)
+    name = "default"
+    model = "smollm2-135m"
+    [[core]]                  # remote: any OpenAI-compatible server
+    type = "remote"
+    name = "vllm"
+    base_url = "http://127.0.0.1:8000/v1"
+    model = "Qwen/Qwen2.5-7B-Instruct"
+    [[core]]
+    type = "router"
+    name = "pool"
+    cores = ["default", "vllm"]
+
+Unknown keys and wrong types are a :class:`~aios.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig, RouterConfig
+from aios.errors import ConfigError
+from aios.quota import Quota
+
+T = TypeVar("T")
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
+    return os.path.join(base, "aios")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP server and its limits. ``max_tokens`` caps any one call's output;
+    ``max_streams_per_agent`` and ``max_inflight_per_agent`` cap what one identity holds at
+    once (beyond: 429 with Retry-After, nothing queued). Bodies over ``max_body_bytes`` get 413.
+    On shutdown, requests in flight get ``shutdown_grace`` seconds to finish."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = field(default_factory=default_data_dir)
+    max_body_bytes: int = 1 << 20
+    max_tokens: int = 2048
+    max_streams_per_agent: int = 4
+    max_inflight_per_agent: int = 64
+    shutdown_grace: float = 10.0
+    strict_models: bool = False  # /v1: unknown model names are 404 instead of the default core
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"server.port must be in [0, 65535], got {self.port}")
+        for name in ("max_body_bytes", "max_tokens", "max_streams_per_agent"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server.{name} must be >= 1")
+        if self.max_inflight_per_agent < 1:
+            raise ConfigError("server.max_inflight_per_agent must be >= 1")
+        if self.shutdown_grace < 0:
+            raise ConfigError("server.shutdown_grace must be >= 0 seconds")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+
+
+ENV = {
+    "AIOS_HOST": ("server", "host", str),
+    "AIOS_PORT": ("server", "port", int),
+    "AIOS_DATA_DIR": ("server", "data_dir", str),
+    "AIOS_POLICY": ("kernel", "policy", str),
+}
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, then the TOML file at ``path`` (or ``$AIOS_CONFIG``), then the environment."""
+    env = os.environ if env is None else env
+    path = path or env.get("AIOS_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).expanduser().read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    _only(data, {"server", "kernel", "core"}, "the config file")
+    server = dict(_table(data, "server"))
+    kernel = dict(_table(data, "kernel"))
+    for var, (section, key, kind) in ENV.items():
+        if var in env:
+            target = server if section == "server" else kernel
+            try:
+                target[key] = kind(env[var])
+            except ValueError:
+                raise ConfigError(f"{var} must be {kind.__name__}, got {env[var]!r}") from None
+    cores = data.get("core", [{"name": "default"}])
+    if not isinstance(cores, list) or not cores:
+        raise ConfigError("[[core]] must be a non-empty array of tables")
+    built = [_core(c, i) for i, c in enumerate(cores)]
+    if "AIOS_MODEL" in env:
+        first = built[0]
+        if not isinstance(first, CoreConfig):
+            raise ConfigError("AIOS_MODEL sets the first core's model; it is not embedded")
+        built[0] = dataclasses.replace(first, model=env["AIOS_MODEL"])
+    quota = _build(Quota, _table(kernel, "quota"), "kernel.quota")
+    kernel.pop("quota", None)
+    return Settings(
+        server=_build(ServerConfig, server, "server"),
+        kernel=_build(KernelConfig, {**kernel, "cores": tuple(built), "quota": quota}, "kernel"),
+    )
+
+
+def _core(table: Any, index: int) -> CoreConfig | RemoteCoreConfig | RouterConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"core #{index + 1} must be a table")
+    table = dict(table)
+    kind = table.pop("type", "embedded")
+    classes: dict[str, type[CoreConfig] | type[RemoteCoreConfig] | type[RouterConfig]] = {
+        "embedded": CoreConfig,
+        "remote": RemoteCoreConfig,
+        "router": RouterConfig,
+    }
+    cls = classes.get(kind)
+    if cls is None:
+        raise ConfigError(f"core #{index + 1}: type must be one of {', '.join(classes)}")
+    if "cores" in table and isinstance(table["cores"], list):
+        table["cores"] = tuple(table["cores"])
+    return _build(cls, table, f"core #{index + 1}")
+
+
+def _table(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    return value
+
+
+def _only(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")
+
+
+def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    """Construct a config dataclass from a table: no unknown keys, simple types checked."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    _only(values, set(fields), f"[{where}]")
+    for key, value in values.items():
+        default = fields[key].default
+        expected = type(default) if default is not dataclasses.MISSING else None
+        if default is None or expected is None or expected in (tuple, Quota):
+            continue
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"[{where}] {key} must be {expected.__name__}, got {value!r}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"[{where}]: {e}") from None
