@@ -317,6 +317,7 @@ BENCHMARKS = {
     "agents": "The agent workload: direct vs the kernel under each scheduling policy.",
     "context-switch": "KV snapshot and restore vs re-prefill, by context length.",
     "scale": "100-2000 agents on the simulated core, with and without the kernel.",
+    "http-overhead": "What the HTTP server adds to a syscall (instant simulated core).",
 }
 
 
