@@ -62,7 +62,6 @@ class Kernel:
         self.cores: dict[str, Core] = {}
         self.processes: dict[str, AgentProcess] = {}
         self._engine_factory = engine_factory
-        self._clock = clock
         self.clock = clock  # the clock of every timestamp the kernel records
         self.quotas = Quotas(self.config.quota, clock=clock)
         self._tasks: asyncio.TaskGroup | None = None
@@ -82,7 +81,7 @@ class Kernel:
             for cfg in self.config.cores:
                 if isinstance(cfg, RouterConfig):
                     members = [self.cores[name] for name in cfg.cores]
-                    self.cores[cfg.name] = Router(cfg, members, self._clock)
+                    self.cores[cfg.name] = Router(cfg, members, self.clock)
         except BaseException:
             await self._close_cores()
             raise
@@ -117,9 +116,9 @@ class Kernel:
         if isinstance(cfg, RemoteCoreConfig):
             from aios.llm.openai_compat import RemoteCore  # httpx only when a remote core runs
 
-            return RemoteCore(cfg, policy, self._clock)
+            return RemoteCore(cfg, policy, self.clock)
         embedded: CoreConfig = cfg
-        return LLMCore(embedded, lambda: self._engine_factory(embedded), policy, self._clock)
+        return LLMCore(embedded, lambda: self._engine_factory(embedded), policy, self.clock)
 
     async def _close_cores(self) -> None:
         # Routers (built last) close first: their calls end with KernelShutdown instead of
@@ -133,7 +132,7 @@ class Kernel:
     ) -> AgentProcess:
         """Create a process-table entry; its id is the identity of every syscall it makes."""
         process = AgentProcess(
-            name=name, task=task, started=self._clock(), owner=owner, external=external
+            name=name, task=task, started=self.clock(), owner=owner, external=external
         )
         if external:
             process.id = f"@{owner}"
@@ -165,14 +164,14 @@ class Kernel:
         try:
             result = await agent.run(task)
         except AIOSError as e:
-            process.exit(self._clock(), error=f"{e.code}: {e}")
+            process.exit(self.clock(), error=f"{e.code}: {e}")
         except Exception as e:
-            process.exit(self._clock(), error=f"agent error: {type(e).__name__}: {e}")
+            process.exit(self.clock(), error=f"agent error: {type(e).__name__}: {e}")
         except asyncio.CancelledError:
-            process.exit(self._clock(), error="killed")
+            process.exit(self.clock(), error="killed")
             raise
         else:
-            process.exit(self._clock(), result=result)
+            process.exit(self.clock(), result=result)
         finally:
             self.release(process)
         return process

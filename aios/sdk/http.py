@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -127,7 +127,13 @@ class _Base:
         self.retries = retries
         self.backoff = backoff
 
-    def _delay(self, attempt: int) -> float:
+    def _retry_delay(self, error: httpx.TransportError, attempt: int) -> float:
+        """Seconds to wait before retrying after ``error``, or raise :class:`Unreachable`:
+        only a failure to connect (nothing reached the server) is retried, ``retries`` times."""
+        if not isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+            raise Unreachable(f"lost the connection to {self.base_url}: {error}") from None
+        if attempt == self.retries:
+            raise Unreachable(f"cannot reach the kernel at {self.base_url}: {error}") from None
         return float(min(self.backoff * 2**attempt, 5.0))
 
     @staticmethod
@@ -172,18 +178,14 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def request(self, method: str, path: str, **kw: Any) -> Any:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
-                response = await self._http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                if attempt == self.retries:
-                    raise Unreachable(f"cannot reach the kernel at {self.base_url}: {e}") from None
-                await asyncio.sleep(self._delay(attempt))
+                return self._check(await self._http.request(method, path, **kw))
             except httpx.TransportError as e:
-                raise Unreachable(f"lost the connection to {self.base_url}: {e}") from None
-            else:
-                return self._check(response)
-        raise AssertionError("unreachable")
+                delay = self._retry_delay(e, attempt)
+            await asyncio.sleep(delay)  # backoff before a bounded retry
+            attempt += 1
 
     async def llm(self, call: LLMCall, *, timeout: float | None = None) -> Completion:
         path, body = call_body(call, timeout, stream=False)
@@ -270,29 +272,23 @@ class Client(_Base):
         self._http.close()
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
-                response = self._http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                if attempt == self.retries:
-                    raise Unreachable(f"cannot reach the kernel at {self.base_url}: {e}") from None
-                time.sleep(self._delay(attempt))
+                return self._check(self._http.request(method, path, **kw))
             except httpx.TransportError as e:
-                raise Unreachable(f"lost the connection to {self.base_url}: {e}") from None
-            else:
-                return self._check(response)
-        raise AssertionError("unreachable")
+                delay = self._retry_delay(e, attempt)
+            time.sleep(delay)  # a blocking client's backoff before a bounded retry
+            attempt += 1
 
     def llm(self, call: LLMCall, *, timeout: float | None = None) -> Completion:
         path, body = call_body(call, timeout, stream=False)
         started = time.monotonic()
         return completion_of(self.request("POST", path, json=body), started)
 
-    def chat(
-        self, messages: Sequence[Message | dict[str, Any]], *, stop: Iterable[str] = (), **kw: Any
-    ) -> Completion:
+    def chat(self, messages: Sequence[Message | dict[str, Any]], **kw: Any) -> Completion:
         timeout = kw.pop("timeout", None)
-        return self.llm(chat_call(messages, stop=stop, **kw), timeout=timeout)
+        return self.llm(chat_call(messages, **kw), timeout=timeout)
 
     def stream(self, call: LLMCall, *, timeout: float | None = None) -> Iterator[str | Completion]:
         path, body = call_body(call, timeout, stream=True)
