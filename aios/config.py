@@ -196,6 +196,62 @@ def _check_core_name(name: str) -> None:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where memory and storage live, and each agent's storage quota.
+
+    ``database``: a SQLite file path (or ``sqlite:///PATH``), or a PostgreSQL URL
+    (``postgresql://...``). Empty: a temporary SQLite database that lives as long as the kernel
+    (``aios serve`` and ``aios run`` use ``DATA_DIR/aios.db``). The quota counts live bytes and
+    entries (files and folders), not history."""
+
+    database: str = ""
+    workers: int = 0  # database worker threads; 0: 1 for SQLite, 4 for PostgreSQL
+    sqlite_synchronous: str = "full"  # full: an acknowledged write survives power loss
+    max_bytes: int = 1 << 30
+    max_files: int = 100_000
+    max_file_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_files", "max_file_bytes"):
+            if _bad_int(getattr(self, name), 1):
+                raise ConfigError(f"storage {name} must be a positive integer")
+        if _bad_int(self.workers, 0) or self.workers > 64:
+            raise ConfigError(f"storage workers must be in [0, 64], got {self.workers!r}")
+        if self.sqlite_synchronous.lower() not in ("full", "normal", "extra"):
+            raise ConfigError(
+                f"storage sqlite_synchronous must be full, normal or extra, "
+                f"got {self.sqlite_synchronous!r}"
+            )
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The memory manager's RAM tier: every note and turn is durable in the database; RAM
+    keeps recently used ones, evicting by LRU-K when resident bytes pass ``high_water`` of
+    ``ram_bytes`` (all agents) or ``agent_ram_bytes`` (one agent)."""
+
+    ram_bytes: int = 64 << 20
+    agent_ram_bytes: int = 8 << 20
+    high_water: float = 0.8
+    k: int = 2  # LRU-K's K (1 is plain LRU)
+    chunk_turns: int = 32  # conversation-history turns per block
+
+    def __post_init__(self) -> None:
+        if _bad_int(self.ram_bytes, 0) or _bad_int(self.agent_ram_bytes, 0):
+            raise ConfigError("memory ram_bytes and agent_ram_bytes must be integers >= 0")
+        if isinstance(self.high_water, bool) or not 0 < self.high_water <= 1:
+            raise ConfigError(f"memory high_water must be in (0, 1], got {self.high_water!r}")
+        if _bad_int(self.k, 1) or self.k > 8:
+            raise ConfigError(f"memory k (LRU-K) must be in [1, 8], got {self.k!r}")
+        if _bad_int(self.chunk_turns, 1):
+            raise ConfigError("memory chunk_turns must be an integer >= 1")
+
+
+def _bad_int(value: object, low: int) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int) or value < low
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     """The kernel: its LLM cores, the scheduling policy (and its parameters), the default
     syscall deadline and the per-agent quota."""
@@ -206,6 +262,8 @@ class KernelConfig:
     quantum_tokens: int = 32  # tokens run before a request may be pre-empted (rr, priority, fair)
     aging_seconds: float = 5.0  # waiting this long gains one priority level (priority, spf)
     quota: Quota = field(default_factory=Quota)  # per agent; default: no limits
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
         if not self.cores:

@@ -115,6 +115,27 @@ class CoreUnavailable(CoreError):
     code = "core_unavailable"
 
 
+class StorageError(AIOSError):
+    """The database under memory and storage failed (it is down, or refused the change);
+    nothing was changed."""
+
+    code = "storage_error"
+
+
+class StorageFull(AIOSError):
+    """The write would take the agent past its storage quota (bytes or files); nothing was
+    changed."""
+
+    code = "storage_full"
+
+
+class Conflict(AIOSError):
+    """The object is not in a state that allows this (a file where a folder is needed, a
+    target that already exists)."""
+
+    code = "conflict"
+
+
 class Unreachable(AIOSError):
     """The kernel could not be reached over HTTP (after the client's retries)."""
 

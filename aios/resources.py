@@ -1,0 +1,163 @@
+"""Memory and storage syscalls: one request object per call, one table of operations, and
+their results as JSON values (plus ``bytes`` for file content).
+
+    resources = Resources(config.storage, config.memory)
+    await resources.start()
+    args = {"path": "a.txt", "content": "hi"}
+    stat = await resources.call(principal, "storage", "write", args, job)
+
+The kernel wraps :meth:`Resources.call` in a :class:`ResourceCall` (queued, timed, in the
+process table, cancellable) exactly as it wraps an LLM call in an ``LLMRequest``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from aios.config import MemoryConfig, StorageConfig
+from aios.errors import InvalidRequest, NotFound
+from aios.memory.manager import MemoryManager
+from aios.storage.db import Database, Job
+from aios.storage.files import Files, Principal
+from aios.syscall import Syscall
+
+Kind = Literal["memory", "storage"]
+KINDS: tuple[Kind, ...] = ("memory", "storage")
+Op = Callable[..., Awaitable[Any]]
+
+# operation -> the manager's method
+MEMORY_OPS = {op: op for op in ("add", "get", "update", "delete", "search", "remember", "history",
+                                "forget", "usage")} | {"list": "list_notes"}  # fmt: skip
+STORAGE_OPS = ("write", "read", "stat", "ls", "delete", "mkdir", "move", "history", "rollback",
+               "share", "unshare", "shares", "search", "usage")  # fmt: skip
+
+
+class ResourceCall(Syscall):
+    """A memory or storage syscall: ``kind`` is "memory" or "storage", ``op`` the operation."""
+
+    def __init__(self, agent: str, now: float, kind: Kind, op: str) -> None:
+        super().__init__(agent, now)
+        self.kind = kind
+        self.op = op
+        self.job = Job()
+
+
+class Resources:
+    """The database, and the memory and storage managers on it."""
+
+    def __init__(self, storage: StorageConfig, memory: MemoryConfig) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        url = storage.database
+        if not url:  # a real SQLite database, private to this kernel's lifetime
+            self._tmp = tempfile.TemporaryDirectory(prefix="aios-db-")
+            url = str(Path(self._tmp.name) / "aios.db")
+        self.db = Database.open(
+            url, workers=storage.workers or None, synchronous=storage.sqlite_synchronous
+        )
+        self.files = Files(storage)
+        self.memory = MemoryManager(self.db, memory)
+
+    @property
+    def ephemeral(self) -> bool:
+        """The database goes away with the kernel (no ``storage.database`` configured)."""
+        return self._tmp is not None
+
+    async def start(self) -> None:
+        await self.db.start()
+
+    async def close(self) -> None:
+        await self.db.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def op(self, kind: str, name: str) -> Op:
+        """The coroutine function of ``kind``.``name`` (who first, then the arguments)."""
+        if kind == "memory" and name in MEMORY_OPS:
+            method = getattr(self.memory, MEMORY_OPS[name])
+
+            async def memory_op(who: Principal, *args: Any, job: Job, **kwargs: Any) -> Any:
+                return await method(who.name, *args, job=job, **kwargs)
+
+            memory_op.__signature__ = _tail(inspect.signature(method))  # type: ignore[attr-defined]
+            return memory_op
+        if kind == "storage" and name in STORAGE_OPS:
+            method = getattr(self.files, name)
+            db = self.db
+
+            async def storage_op(who: Principal, *args: Any, job: Job, **kwargs: Any) -> Any:
+                return await db.run(lambda conn: method(conn, who, *args, **kwargs), job)
+
+            storage_op.__signature__ = _tail(inspect.signature(method))  # type: ignore[attr-defined]
+            return storage_op
+        ops = list(MEMORY_OPS) if kind == "memory" else STORAGE_OPS if kind == "storage" else ()
+        if not ops:
+            raise NotFound(f"no syscall kind {kind!r}; kinds: {', '.join(KINDS)}")
+        raise NotFound(f"no {kind} operation {name!r}; operations: {', '.join(ops)}")
+
+    async def call(
+        self, who: Principal, kind: str, name: str, args: dict[str, Any], job: Job
+    ) -> Any:
+        """Run one operation; its result as JSON values (and bytes)."""
+        fn = self.op(kind, name)
+        bound = bind(f"{kind}.{name}", fn, args)
+        if kind == "storage" and name == "write":
+            bound.arguments["content"] = content(bound.arguments.get("content"))
+        return jsonable(await fn(who, *bound.args, job=job, **bound.kwargs))
+
+
+def _tail(signature: inspect.Signature) -> inspect.Signature:
+    """An operation's parameters as a caller gives them (without conn/who/owner-self/job)."""
+    params = list(signature.parameters.values())
+    skip = {"self", "conn", "who", "job"}
+    if params and params[0].name == "owner" and params[0].default is inspect.Parameter.empty:
+        params = params[1:]  # memory: the owner is always the caller
+    return signature.replace(parameters=[p for p in params if p.name not in skip])
+
+
+def bind(name: str, fn: Op, args: Any) -> inspect.BoundArguments:
+    """``args`` bound to ``fn``'s parameters, or a clear error naming what is wrong."""
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise InvalidRequest(f"{name}: arguments must be an object")
+    signature = inspect.signature(fn)
+    allowed = [p for p in signature.parameters if p not in ("who", "args", "kwargs", "job")]
+    extra = sorted(set(args) - set(allowed))
+    if extra:
+        raise InvalidRequest(
+            f"{name}: unknown argument(s) {', '.join(extra)}; it takes {', '.join(allowed)}"
+        )
+    try:
+        return signature.bind(**args)
+    except TypeError as e:
+        raise InvalidRequest(f"{name}: {e}; it takes {', '.join(allowed)}") from None
+
+
+def content(value: Any) -> bytes:
+    """File content: bytes, text (stored as UTF-8), or ``{"base64": ...}`` from JSON."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, dict) and set(value) == {"base64"} and isinstance(value["base64"], str):
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(value["base64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("content.base64 is not valid base64") from None
+    raise InvalidRequest("content must be text, bytes, or {'base64': '...'}")
+
+
+def jsonable(value: Any) -> Any:
+    """Results as JSON values: dataclasses through ``to_json``; bytes stay bytes."""
+    if hasattr(value, "to_json"):
+        return jsonable(value.to_json())
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""Storage: the database under memory and storage, and the versioned per-agent file tree."""
