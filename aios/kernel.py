@@ -11,11 +11,12 @@ passes or the caller goes away.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import AsyncExitStack, aclosing
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig, RouterConfig
 from aios.errors import (
@@ -30,16 +31,19 @@ from aios.llm.base import Core
 from aios.llm.core import LLMCore
 from aios.llm.engine import Engine
 from aios.llm.router import Router
+from aios.memory.fit import Counter, Fitted, estimate, fit
 from aios.process import AgentProcess
 from aios.quota import Quotas
+from aios.resources import ResourceCall, Resources
 from aios.scheduler import make_policy
-from aios.syscall import Completion, LLMCall, LLMRequest, Syscall
+from aios.syscall import Completion, LLMCall, LLMRequest, MemoryUse, Message, Syscall
 
 if TYPE_CHECKING:
     from aios.sdk.agent import Agent
 
 EngineFactory = Callable[[CoreConfig], Engine]
 V = TypeVar("V")
+REMOTE_CONTEXT_TOKENS = 4096  # what memory fitting assumes of a core whose tokenizer is remote
 MAX_FINISHED = 4096  # finished processes and syscalls kept for inspection (ps, status)
 
 
@@ -68,9 +72,14 @@ class Kernel:
         self._loops: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[AgentProcess]] = set()
         self.syscalls: dict[str, tuple[Syscall, AgentProcess]] = {}
+        # The database under memory and storage (a private temporary SQLite file unless
+        # ``config.storage.database`` names one).
+        self.resources = Resources(self.config.storage, self.config.memory)
+        self._background: set[asyncio.Future[Any]] = set()
 
     # -- lifespan --------------------------------------------------------------------------
     async def __aenter__(self) -> Kernel:
+        await self.resources.start()
         try:
             for cfg in self.config.cores:  # load every model before anything runs
                 if isinstance(cfg, RouterConfig):
@@ -84,6 +93,7 @@ class Kernel:
                     self.cores[cfg.name] = Router(cfg, members, self.clock)
         except BaseException:
             await self._close_cores()
+            await self.resources.close()
             raise
         # One TaskGroup owns the kernel's long-lived tasks (the cores' decode loops).
         self._tasks = asyncio.TaskGroup()
@@ -106,6 +116,7 @@ class Kernel:
         await self._close_cores()
         if tasks is not None:
             await tasks.__aexit__(None, None, None)
+        await self.resources.close()
 
     def _build_core(self, cfg: CoreConfig | RemoteCoreConfig) -> Core:
         policy = make_policy(
@@ -215,11 +226,94 @@ class Kernel:
         return self.syscalls.get(syscall_id)
 
     def cancel(self, syscall: Syscall) -> None:
-        """Cancel a syscall in flight (its caller gets :class:`SyscallCancelled`)."""
+        """Cancel a syscall in flight (its caller gets :class:`SyscallCancelled`). A memory or
+        storage call that has not started never will; one already running finishes."""
+        if isinstance(syscall, ResourceCall) and not syscall.status.finished:
+            syscall.job.withdrawn = True
+            syscall.cancel(self.clock())
         if isinstance(syscall, LLMRequest) and not syscall.status.finished:
             core = self.cores.get(syscall.call.model or self.config.default_model)
             if core is not None:
                 core.cancel(syscall)
+
+    async def resource(
+        self,
+        process: AgentProcess,
+        kind: str,
+        op: str,
+        args: dict[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """A memory or storage syscall: ``kind`` ("memory", "storage"), operation ``op`` with
+        ``args``, as ``process``'s principal; its result as JSON values (and bytes for file
+        content)."""
+        return await self.settle(process, self.submit(process, kind, op, args, timeout=timeout))
+
+    def submit(
+        self,
+        process: AgentProcess,
+        kind: str,
+        op: str,
+        args: dict[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> ResourceCall:
+        """Queue a memory or storage syscall on the database's workers (see :meth:`settle`).
+        An unknown kind or operation raises at once (NotFound); nothing is queued."""
+        budget = self._budget(timeout)
+        self.resources.op(kind, op)
+        request = ResourceCall(process.id, self.clock(), kind, op)  # type: ignore[arg-type]
+        request.job.deadline = time.monotonic() + budget
+        request.work = asyncio.ensure_future(
+            self.resources.call(process.principal, kind, op, args, request.job)
+        )
+        self._background.add(request.work)
+        request.work.add_done_callback(self._settled)
+        self._track(process, request)
+        return request
+
+    async def settle(self, process: AgentProcess, request: ResourceCall) -> Any:
+        """Wait for a submitted memory or storage syscall: its result or its typed error.
+        Timed, in the process table and cancellable like an LLM call; the manager's own
+        bookkeeping finishes even if the caller leaves."""
+        work, job = request.work, request.job
+        assert work is not None
+        try:
+            await asyncio.wait([work, request.future], return_when=asyncio.FIRST_COMPLETED)
+            if job.started is not None:  # admitted when a worker picked it up
+                request.timings.admitted = request.timings.submitted + job.waited
+            if not work.done():  # cancelled by the kernel (kill, or an explicit cancel)
+                raise SyscallCancelled(
+                    f"{request.id} was cancelled"
+                    + ("; it had started and may have been applied" if job.started else "")
+                )
+            error = work.exception()
+            if error is not None:
+                if not request.status.finished:
+                    request.fail(self.clock(), error)
+                raise error
+            result = work.result()
+            if not request.status.finished:
+                request.complete(self.clock(), result)
+            return result
+        except asyncio.CancelledError:
+            job.withdrawn = True
+            if not request.status.finished:
+                request.cancel(self.clock())
+            raise
+        finally:
+            process.account(request, None)
+
+    def _settled(self, work: asyncio.Future[Any]) -> None:
+        self._background.discard(work)
+        if not work.cancelled():
+            work.exception()  # retrieved: a caller that left never sees it
+
+    def _budget(self, timeout: float | None) -> float:
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequest(f"timeout must be > 0 seconds, got {timeout!r}")
+        return timeout or self.config.syscall_timeout
 
     async def llm(
         self,
@@ -228,11 +322,15 @@ class Kernel:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        memory: MemoryUse | None = None,
     ) -> Completion:
         """The LLM syscall: queue ``call`` for ``process`` and wait for its completion.
-        ``priority`` is a hint for the priority policy (higher runs first)."""
+        ``priority`` is a hint for the priority policy (higher runs first); ``memory`` builds
+        the prompt from the agent's memory and/or records the exchange in it."""
         async with aclosing(
-            self.llm_stream(process, call, timeout=timeout, priority=priority, deltas=False)
+            self.llm_stream(
+                process, call, timeout=timeout, priority=priority, deltas=False, memory=memory
+            )
         ) as events:
             async for event in events:
                 if isinstance(event, Completion):
@@ -247,17 +345,21 @@ class Kernel:
         timeout: float | None = None,
         priority: int = 0,
         deltas: bool = True,
+        memory: MemoryUse | None = None,
     ) -> AsyncGenerator[LLMRequest | str | Completion, None]:
         """The LLM syscall, streamed: the request once it is queued (its id names it for a
         cancel), then its text as it becomes final (never a piece a stop string later cuts
         off), then the :class:`Completion`. Errors before the request is queued raise before
         anything is yielded. Closing the iterator early cancels the call and frees its slot."""
-        if timeout is not None and not timeout > 0:
-            raise InvalidRequest(f"timeout must be > 0 seconds, got {timeout!r}")
-        budget = timeout or self.config.syscall_timeout
+        budget = self._budget(timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         core = self.core_for(call.model)
+        fitted: Fitted | None = None
+        asked = call
+        if memory is not None and memory.fits:
+            async with asyncio.timeout_at(deadline):
+                call, fitted = await self._from_memory(process, core, call, memory)
         request: LLMRequest | None = None
         completion: Completion | None = None
         try:
@@ -290,6 +392,10 @@ class Kernel:
                 if request.future.cancelled():
                     raise SyscallCancelled(f"{request.id} was cancelled")
                 completion = request.future.result()  # or its typed error
+            if fitted is not None:
+                completion = dataclasses.replace(completion, context=fitted.to_json())
+            if memory is not None and memory.remember:
+                await self._remember(process, asked, completion, deadline)
             yield completion
         finally:
             if request is not None:
@@ -298,6 +404,54 @@ class Kernel:
                 # Prompt + completion tokens, once the call reached the model.
                 if completion is not None or request.timings.admitted is not None:
                     self.quotas.charge(process.id, request.usage.total_tokens)
+
+    async def _from_memory(
+        self, process: AgentProcess, core: Core, call: LLMCall, memory: MemoryUse
+    ) -> tuple[LLMCall, Fitted]:
+        """``call`` with the agent's history and recalled notes, fitted to the context."""
+        if not call.messages:
+            raise InvalidRequest("memory works with chat calls (messages), not a raw prompt")
+        owner = process.principal.name
+        manager = self.resources.memory
+        turns = await manager.history(owner, 500) if memory.history else []
+        notes: list[tuple[int, str]] = []
+        query = next((m.content for m in reversed(call.messages) if m.role == "user"), "")
+        if memory.recall and any(c.isalnum() for c in query):
+            found = await manager.search(owner, query, limit=memory.recall)
+            notes = [(hit["note"].id, hit["note"].text) for hit in found]
+        count, budget, exact = self._measure(core, call)
+        fitted = fit(
+            call.messages,
+            [Message(t.role, t.content) for t in turns],  # type: ignore[arg-type]
+            notes,
+            count,
+            budget,
+            exact=exact,
+        )
+        return dataclasses.replace(call, messages=fitted.messages), fitted
+
+    def _measure(self, core: Core, call: LLMCall) -> tuple[Counter, int, bool]:
+        """How to count a prompt's tokens on ``core``, and how many it may have."""
+        config = core.config
+        default: int = getattr(config, "default_max_tokens", 256)
+        reserve = call.params.max_tokens or default
+        if isinstance(core, LLMCore):
+            engine = core.engine
+            limit = engine.max_sequence_tokens - reserve
+            return (lambda messages: len(engine.tokenize_chat(messages))), limit, True
+        return estimate, REMOTE_CONTEXT_TOKENS - reserve, False
+
+    async def _remember(
+        self, process: AgentProcess, call: LLMCall, completion: Completion, deadline: float
+    ) -> None:
+        """Append the call's own turns (not its system prompt) and the answer to the agent's
+        history (with ``history=True`` a call carries only its new turns)."""
+        turns = [(m.role, m.content) for m in call.messages if m.role != "system"]
+        if call.prompt is not None:
+            turns.append(("user", call.prompt))
+        turns.append(("assistant", completion.text))
+        async with asyncio.timeout_at(deadline):
+            await self.resources.memory.remember(process.principal.name, turns)
 
     def _track(self, process: AgentProcess, syscall: Syscall) -> None:
         process.inflight.append(syscall)

@@ -12,6 +12,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from aios.storage.files import Principal
 from aios.syscall import Completion, Status, Syscall
 
 
@@ -41,6 +42,7 @@ class AgentProcess:
     started: float
     id: str = field(default_factory=lambda: f"agent-{next(_pids)}")
     owner: str | None = None
+    groups: frozenset[str] = frozenset()  # the owner's groups (from its credential)
     external: bool = False  # lives outside the kernel (an HTTP client); never exits
     finished: float | None = None
     result: str | None = None
@@ -53,6 +55,12 @@ class AgentProcess:
     runner: asyncio.Task[AgentProcess] | None = None  # the task running it (spawned agents)
     _done: bool = False
     _failed: bool = False
+
+    @property
+    def principal(self) -> Principal:
+        """Whose memory and files its syscalls use: its credential's identity, or for an
+        agent the kernel runs without one, its program name."""
+        return Principal(self.owner or self.name, self.groups)
 
     @property
     def current(self) -> Syscall | None:

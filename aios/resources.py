@@ -12,7 +12,10 @@ process table, cancellable) exactly as it wraps an LLM call in an ``LLMRequest``
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import secrets
+import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -44,17 +47,18 @@ class ResourceCall(Syscall):
         self.kind = kind
         self.op = op
         self.job = Job()
+        self.work: asyncio.Future[Any] | None = None  # the manager's work (see Kernel.submit)
 
 
 class Resources:
     """The database, and the memory and storage managers on it."""
 
     def __init__(self, storage: StorageConfig, memory: MemoryConfig) -> None:
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._tmp: Path | None = None
         url = storage.database
-        if not url:  # a real SQLite database, private to this kernel's lifetime
-            self._tmp = tempfile.TemporaryDirectory(prefix="aios-db-")
-            url = str(Path(self._tmp.name) / "aios.db")
+        if not url:  # a real SQLite database, private to this kernel's lifetime (created at start)
+            self._tmp = Path(tempfile.gettempdir()) / f"aios-db-{secrets.token_hex(8)}"
+            url = str(self._tmp / "aios.db")
         self.db = Database.open(
             url, workers=storage.workers or None, synchronous=storage.sqlite_synchronous
         )
@@ -72,7 +76,7 @@ class Resources:
     async def close(self) -> None:
         await self.db.close()
         if self._tmp is not None:
-            self._tmp.cleanup()
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def op(self, kind: str, name: str) -> Op:
         """The coroutine function of ``kind``.``name`` (who first, then the arguments)."""

@@ -130,6 +130,31 @@ class LLMCall:
 
 
 @dataclass(frozen=True)
+class MemoryUse:
+    """How a chat call uses its agent's memory. ``history``: put the agent's conversation
+    history before the call's messages (the most recent turns that fit); ``recall``: add the
+    agent's ``recall`` notes most relevant to the last user message; ``remember``: append the
+    call's new messages and the answer to the history. The kernel fits it all into the
+    model's context and reports what it dropped (``Completion.context``)."""
+
+    history: bool = False
+    recall: int = 0
+    remember: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.recall) or not 0 <= self.recall <= 50:
+            raise InvalidRequest(f"recall must be an integer in [0, 50], got {self.recall!r}")
+        for name in ("history", "remember"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false")
+
+    @property
+    def fits(self) -> bool:
+        """The call's prompt is built from memory (and fitted to the context)."""
+        return self.history or self.recall > 0
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -165,6 +190,8 @@ class Completion:
     timings: Timings
     model: str
     syscall_id: str
+    # With memory: what went into the prompt, and what was dropped (see aios.memory.fit).
+    context: dict[str, Any] | None = None
 
 
 _ids = itertools.count(1)

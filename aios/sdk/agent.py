@@ -6,10 +6,12 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from aios.sdk.llm import LLM, SyscallClient
+from aios.sdk.resources import Memory, Storage
 
 
 class Agent(ABC):
-    """Subclass, set ``name``, and implement ``run``; every LLM call goes through the kernel.
+    """Subclass, set ``name``, and implement ``run``; every LLM, memory (``self.memory``) and
+    storage (``self.storage``) call is a syscall through the kernel.
 
     class Echo(Agent):
         name = "echo"
@@ -24,6 +26,8 @@ class Agent(ABC):
 
     def __init__(self, client: SyscallClient) -> None:
         self.llm = LLM(client)
+        self.memory = Memory(client)
+        self.storage = Storage(client)
 
     @abstractmethod
     async def run(self, task: str) -> str:

@@ -16,6 +16,8 @@ connection lost mid-call is not (the call may have run): it raises :class:`Unrea
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -32,12 +34,14 @@ from aios.errors import (
     error_classes,
 )
 from aios.sdk.llm import chat_call
-from aios.syscall import Completion, LLMCall, Message, Timings, Usage
+from aios.syscall import Completion, LLMCall, MemoryUse, Message, Timings, Usage
 
 DEFAULT_TIMEOUT = 600.0
 
 
-def call_body(call: LLMCall, timeout: float | None, stream: bool) -> tuple[str, dict[str, Any]]:
+def call_body(
+    call: LLMCall, timeout: float | None, stream: bool, memory: MemoryUse | None = None
+) -> tuple[str, dict[str, Any]]:
     """The route and JSON body of an LLM syscall."""
     p = call.params
     body: dict[str, Any] = {
@@ -57,7 +61,31 @@ def call_body(call: LLMCall, timeout: float | None, stream: bool) -> tuple[str, 
     if call.prompt is not None:
         return "/api/v1/llm/complete", {**body, "prompt": call.prompt}
     messages = [{"role": m.role, "content": m.content} for m in call.messages]
+    if memory is not None:
+        body["memory"] = dataclasses.asdict(memory)
     return "/api/v1/llm/chat", {**body, "messages": messages}
+
+
+def resource_request(
+    kind: str, op: str, args: dict[str, Any], timeout: float | None
+) -> tuple[str, dict[str, Any]]:
+    """The route and httpx keyword arguments of a memory or storage syscall."""
+    content = args.get("content")
+    if isinstance(content, bytes | bytearray):
+        args = {**args, "content": {"base64": base64.b64encode(content).decode()}}
+    params = {} if timeout is None else {"timeout": timeout}
+    return f"/api/v1/{kind}/{op}", {"json": args, "params": params}
+
+
+def decode_bytes(value: Any) -> Any:
+    """A result from JSON: ``{"base64": ...}`` (file content) becomes bytes again."""
+    if isinstance(value, dict):
+        if set(value) == {"base64"} and isinstance(value["base64"], str):
+            return base64.b64decode(value["base64"])
+        return {k: decode_bytes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_bytes(v) for v in value]
+    return value
 
 
 def completion_of(envelope: dict[str, Any], started: float) -> Completion:
@@ -74,6 +102,7 @@ def completion_of(envelope: dict[str, Any], started: float) -> Completion:
         ),
         model=result["model"],
         syscall_id=envelope["id"],
+        context=result.get("context"),
     )
 
 
@@ -187,10 +216,20 @@ class AsyncClient(_Base):
             await asyncio.sleep(delay)  # backoff before a bounded retry
             attempt += 1
 
-    async def llm(self, call: LLMCall, *, timeout: float | None = None) -> Completion:
-        path, body = call_body(call, timeout, stream=False)
+    async def llm(
+        self, call: LLMCall, *, timeout: float | None = None, memory: MemoryUse | None = None
+    ) -> Completion:
+        path, body = call_body(call, timeout, stream=False, memory=memory)
         started = time.monotonic()
         return completion_of(await self.request("POST", path, json=body), started)
+
+    async def call(
+        self, kind: str, op: str, args: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
+        """A memory or storage syscall (what ``Agent.memory`` and ``Agent.storage`` use)."""
+        path, kw = resource_request(kind, op, args, timeout)
+        envelope = await self.request("POST", path, **kw)
+        return decode_bytes(envelope["result"])
 
     async def stream(
         self, call: LLMCall, *, timeout: float | None = None
@@ -289,6 +328,14 @@ class Client(_Base):
     def chat(self, messages: Sequence[Message | dict[str, Any]], **kw: Any) -> Completion:
         timeout = kw.pop("timeout", None)
         return self.llm(chat_call(messages, **kw), timeout=timeout)
+
+    def call(
+        self, kind: str, op: str, args: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
+        """A memory or storage syscall: ``client.call("storage", "ls", {"path": ""})``."""
+        path, kw = resource_request(kind, op, args, timeout)
+        envelope = self.request("POST", path, **kw)
+        return decode_bytes(envelope["result"])
 
     def stream(self, call: LLMCall, *, timeout: float | None = None) -> Iterator[str | Completion]:
         path, body = call_body(call, timeout, stream=True)

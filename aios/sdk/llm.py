@@ -5,13 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from aios.syscall import Completion, LLMCall, Message, SamplingParams
+from aios.syscall import Completion, LLMCall, MemoryUse, Message, SamplingParams
 
 
 class SyscallClient(Protocol):
     """How an agent reaches a kernel: in-process today, over HTTP with the same interface."""
 
-    async def llm(self, call: LLMCall, *, timeout: float | None = None) -> Completion: ...
+    async def llm(
+        self, call: LLMCall, *, timeout: float | None = None, memory: MemoryUse | None = None
+    ) -> Completion: ...
+
+    async def call(
+        self, kind: str, op: str, args: dict[str, Any], *, timeout: float | None = None
+    ) -> Any:
+        """A memory or storage syscall (see :mod:`aios.sdk.resources`)."""
+        ...
 
 
 class LLM:
@@ -30,11 +38,22 @@ class LLM:
         stop: str | Iterable[str] = (),
         json: bool = False,
         timeout: float | None = None,
+        history: bool = False,
+        recall: int = 0,
+        remember: bool = False,
     ) -> Completion:
         """Chat completion with the model's chat template. Greedy unless ``temperature > 0``;
-        ``json=True`` constrains the output to a JSON object."""
+        ``json=True`` constrains the output to a JSON object.
+
+        Memory: ``history=True`` puts this agent's conversation history before ``messages``
+        (the most recent turns that fit), ``recall=k`` adds its k notes most relevant to the
+        last user message, ``remember=True`` appends ``messages`` (not system ones) and the
+        answer to the history. The kernel fits it into the context; ``Completion.context``
+        says what was used and dropped."""
         call = chat_call(messages, model, max_tokens, temperature, top_p, seed, stop, json)
-        return await self._client.llm(call, timeout=timeout)
+        memory = MemoryUse(history, recall, remember)
+        used = memory if memory != MemoryUse() else None
+        return await self._client.llm(call, timeout=timeout, memory=used)
 
     async def complete(
         self,

@@ -10,6 +10,8 @@ here, OpenAI's error object under ``/v1``; never a traceback.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import math
 from collections import Counter
@@ -29,6 +31,7 @@ from aios import __version__
 from aios.agents import AGENTS
 from aios.errors import (
     AIOSError,
+    Conflict,
     CoreError,
     CoreUnavailable,
     DeadlineExceeded,
@@ -39,6 +42,8 @@ from aios.errors import (
     Overloaded,
     PermissionDenied,
     QuotaExceeded,
+    StorageError,
+    StorageFull,
     SyscallCancelled,
     Unauthenticated,
 )
@@ -68,6 +73,9 @@ STATUS: tuple[tuple[type[AIOSError], int], ...] = (  # most specific first
     (ModelNotFound, 404),
     (InvalidRequest, 400),
     (SyscallCancelled, 409),
+    (Conflict, 409),
+    (StorageFull, 507),
+    (StorageError, 503),
     (QuotaExceeded, 429),
     (Overloaded, 429),
     (CoreUnavailable, 503),
@@ -153,16 +161,23 @@ class Server:
         cap = self.config.max_tokens
         if call.params.max_tokens is not None and call.params.max_tokens > cap:
             raise InvalidRequest(f"max_tokens must be <= {cap} on this server")
-        process = self.kernel.session(identity.name)
-        if len(process.inflight) >= self.config.max_inflight_per_agent:
-            raise Overloaded(
-                f"agent {identity.name!r} has {len(process.inflight)} syscalls in flight "
-                f"(limit {self.config.max_inflight_per_agent}); retry when one ends"
-            )
+        process = self.session(identity)
         if stream and self.streams[identity.name] >= self.config.max_streams_per_agent:
             raise Overloaded(
                 f"agent {identity.name!r} has {self.streams[identity.name]} streams open "
                 f"(limit {self.config.max_streams_per_agent}); retry when one ends"
+            )
+        return process
+
+    def session(self, identity: Identity) -> AgentProcess:
+        """The caller's process, under its in-flight limit; its groups as the credential
+        says now."""
+        process = self.kernel.session(identity.name)
+        process.groups = frozenset(identity.groups)
+        if len(process.inflight) >= self.config.max_inflight_per_agent:
+            raise Overloaded(
+                f"agent {identity.name!r} has {len(process.inflight)} syscalls in flight "
+                f"(limit {self.config.max_inflight_per_agent}); retry when one ends"
             )
         return process
 
@@ -183,6 +198,7 @@ class Server:
         received: float,
         *,
         completion: Completion | None = None,
+        result: Any = None,
         error: BaseException | None = None,
         kind: str = "llm",
     ) -> dict[str, Any]:
@@ -211,6 +227,8 @@ class Server:
             }
         if completion is not None:
             body["result"] = completion_json(completion)
+        elif result is not None:
+            body["result"] = encode_bytes(result)
         if error is not None:
             code = error.code if isinstance(error, AIOSError) else "internal_error"
             body["error"] = {"type": code, "message": str(error)}
@@ -219,15 +237,16 @@ class Server:
         return body
 
     def syscall_json(self, syscall: Syscall, process: AgentProcess) -> dict[str, Any]:
-        completion = None
+        value = None
         future = syscall.future
         if future.done() and not future.cancelled() and future.exception() is None:
-            completion = future.result()
+            value = future.result()
         return self.envelope(
             syscall,
             process.owner,
             syscall.timings.submitted,
-            completion=completion,
+            completion=value if isinstance(value, Completion) else None,
+            result=None if isinstance(value, Completion) else value,
             error=syscall.error,
         )
 
@@ -251,9 +270,21 @@ class Server:
         }
 
 
+def encode_bytes(value: Any) -> Any:
+    """A result as JSON: bytes (file content) become ``{"base64": ...}``."""
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {k: encode_bytes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [encode_bytes(v) for v in value]
+    return value
+
+
 def completion_json(completion: Completion) -> dict[str, Any]:
     usage = completion.usage
     return {
+        "context": completion.context,
         "text": completion.text,
         "finish_reason": completion.finish_reason,
         "usage": {
@@ -308,8 +339,14 @@ def create_app(
         received = kernel.clock()
         call = body.call()
         process = server.admit(identity, call, body.stream)
+        memory = body.memory.use() if isinstance(body, ChatIn) and body.memory else None
         events = kernel.llm_stream(
-            process, call, timeout=body.timeout, priority=body.priority, deltas=body.stream
+            process,
+            call,
+            timeout=body.timeout,
+            priority=body.priority,
+            deltas=body.stream,
+            memory=memory,
         )
         if body.stream:
             return EventStream(
@@ -364,6 +401,60 @@ def create_app(
     )
     async def llm_complete(body: CompleteIn, identity: Caller, request: Request) -> Response:
         return await llm(body, identity, request)
+
+    # -- memory and storage syscalls ------------------------------------------------------
+    async def resource(kind: str, op: str, identity: Identity, request: Request) -> Response:
+        received = kernel.clock()
+        timeout = _timeout(request.query_params.get("timeout"))
+        raw = await request.body()
+        try:
+            args = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise InvalidRequest("the body must be a JSON object of the operation's arguments")
+        process = server.session(identity)
+        call = kernel.submit(process, kind, op, args, timeout=timeout)
+        try:
+            async with cancel_on_disconnect(request.receive):
+                result = await kernel.settle(process, call)
+        except ClientGone:
+            return Response(status_code=499)
+        except AIOSError as e:
+            envelope = server.envelope(call, identity.name, received, error=e)
+            return error_response(
+                request.url.path, http_status(e), e.code, str(e), envelope=envelope
+            )
+        return JSONResponse(server.envelope(call, identity.name, received, result=result))
+
+    resource_doc = (
+        "The body is a JSON object of the operation's arguments; ``?timeout=`` seconds. File "
+        'content travels as text or as {"base64": "..."}.'
+    )
+
+    @app.post(
+        "/api/v1/memory/{op}",
+        response_model=SyscallOut,
+        responses=responses,
+        tags=["memory"],
+        summary="Memory syscall: add, get, update, delete, list, search, remember, history, "
+        "forget, usage",
+        description=resource_doc,
+    )
+    async def memory_op(op: str, identity: Caller, request: Request) -> Response:
+        return await resource("memory", op, identity, request)
+
+    @app.post(
+        "/api/v1/storage/{op}",
+        response_model=SyscallOut,
+        responses=responses,
+        tags=["storage"],
+        summary="Storage syscall: write, read, stat, ls, delete, mkdir, move, history, "
+        "rollback, share, unshare, shares, search, usage",
+        description=resource_doc,
+    )
+    async def storage_op(op: str, identity: Caller, request: Request) -> Response:
+        return await resource("storage", op, identity, request)
 
     def find_syscall(identity: Identity, syscall_id: str) -> tuple[Syscall, AgentProcess]:
         found = kernel.syscall(syscall_id)
@@ -523,6 +614,18 @@ async def syscall_events(
             if syscall is None:
                 raise  # nothing sent yet: a plain HTTP error
             yield sse(server.envelope(syscall, identity.name, received, error=e), "error")
+
+
+def _timeout(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise InvalidRequest(f"timeout must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def agent_json(identity: Identity, token: str | None = None) -> dict[str, Any]:

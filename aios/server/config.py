@@ -4,7 +4,7 @@
     [server]
     host = "127.0.0.1"        # AIOS_HOST
     port = 8080               # AIOS_PORT
-    data_dir = "~/.local/share/aios"   # AIOS_DATA_DIR: identities and the admin token
+    data_dir = "~/.local/share/aios"   # AIOS_DATA_DIR: identities, admin token, aios.db
 
     [kernel]
     policy = "fifo"           # AIOS_POLICY
@@ -12,6 +12,11 @@
     [kernel.quota]
     tokens_per_minute = 200000
     max_parallel = 8
+    [kernel.storage]          # memory and files; default: DATA_DIR/aios.db (SQLite)
+    database = "postgresql://aios@db.example/aios"   # AIOS_DATABASE
+    max_bytes = 1073741824    # per agent
+    [kernel.memory]
+    ram_bytes = 67108864      # the RAM tier of all agents' memory (LRU-K eviction)
 
     [[core]]                  # embedded (the default: SmolLM2; AIOS_MODEL sets its model)
     name = "default"
@@ -39,7 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig, RouterConfig
+from aios.config import (
+    CoreConfig,
+    KernelConfig,
+    MemoryConfig,
+    RemoteCoreConfig,
+    RouterConfig,
+    StorageConfig,
+)
 from aios.errors import ConfigError
 from aios.quota import Quota
 
@@ -95,6 +107,7 @@ ENV = {
     "AIOS_PORT": ("server", "port", int),
     "AIOS_DATA_DIR": ("server", "data_dir", str),
     "AIOS_POLICY": ("kernel", "policy", str),
+    "AIOS_DATABASE": ("storage", "database", str),
 }
 
 
@@ -115,7 +128,13 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     kernel = dict(_table(data, "kernel"))
     for var, (section, key, kind) in ENV.items():
         if var in env:
-            target = server if section == "server" else kernel
+            target = (
+                server
+                if section == "server"
+                else kernel.setdefault("storage", {})
+                if section == "storage"
+                else kernel
+            )
             try:
                 target[key] = kind(env[var])
             except ValueError:
@@ -129,11 +148,16 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         if not isinstance(first, CoreConfig):
             raise ConfigError("AIOS_MODEL sets the first core's model; it is not embedded")
         built[0] = dataclasses.replace(first, model=env["AIOS_MODEL"])
-    quota = _build(Quota, _table(kernel, "quota"), "kernel.quota")
-    kernel.pop("quota", None)
+    tables: dict[str, Any] = {"cores": tuple(built)}
+    for name, cls in (("quota", Quota), ("storage", StorageConfig), ("memory", MemoryConfig)):
+        tables[name] = _build(cls, _table(kernel, name), f"kernel.{name}")
+        kernel.pop(name, None)
+    server_config = _build(ServerConfig, server, "server")
+    if not tables["storage"].database:  # memory and storage live in the data directory
+        database = str(server_config.data_path / "aios.db")
+        tables["storage"] = dataclasses.replace(tables["storage"], database=database)
     return Settings(
-        server=_build(ServerConfig, server, "server"),
-        kernel=_build(KernelConfig, {**kernel, "cores": tuple(built), "quota": quota}, "kernel"),
+        server=server_config, kernel=_build(KernelConfig, {**kernel, **tables}, "kernel")
     )
 
 

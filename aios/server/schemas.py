@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aios.syscall import LLMCall, Message, SamplingParams
+from aios.syscall import LLMCall, MemoryUse, Message, SamplingParams
 
 
 class _Strict(BaseModel):
@@ -45,8 +45,18 @@ class LLMParams(_Strict):
         )
 
 
+class MemoryIn(_Strict):
+    history: bool = Field(False, description="Put your conversation history first.")
+    recall: int = Field(0, ge=0, le=50, description="Add this many of your relevant notes.")
+    remember: bool = Field(False, description="Append this call and its answer to history.")
+
+    def use(self) -> MemoryUse:
+        return MemoryUse(self.history, self.recall, self.remember)
+
+
 class ChatIn(LLMParams):
     messages: list[MessageIn] = Field(min_length=1)
+    memory: MemoryIn | None = Field(None, description="Use your memory (fitted to the context).")
 
     def call(self) -> LLMCall:
         messages = tuple(Message(m.role, m.content) for m in self.messages)

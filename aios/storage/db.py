@@ -114,8 +114,14 @@ class Job:
 
     deadline: float | None = None  # time.monotonic()
     withdrawn: bool = False
+    submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
+
+    @property
+    def waited(self) -> float:
+        """Seconds it waited for a worker."""
+        return 0.0 if self.started is None else self.started - self.submitted
 
 
 @dataclass
