@@ -4,11 +4,13 @@ and an exit code here, at the edge; no traceback reaches the user."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import runpy
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -547,6 +549,198 @@ def kill(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
     err.print(f"{process['id']}: {process['state']}")
+
+
+# -- memory and storage, read from the kernel's database (as the agent) -----------------------
+storage_app = typer.Typer(
+    help="Agents' versioned files, straight from the kernel's database (works while it runs).",
+    no_args_is_help=True,
+)
+memory_app = typer.Typer(
+    help="Agents' memory notes, straight from the kernel's database.", no_args_is_help=True
+)
+app.add_typer(storage_app, name="storage")
+app.add_typer(memory_app, name="memory")
+AgentArg = Annotated[str, typer.Argument(help="The agent (its identity name).")]
+DatabaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database",
+        help="SQLite path or postgresql:// URL (default: the config's, else DATA_DIR/aios.db).",
+        envvar="AIOS_DATABASE",
+    ),
+]
+
+
+@contextmanager
+def _storage(config: str | None, database: str | None) -> Iterator[Any]:
+    """A connection to the kernel's database (never creates one), errors as messages."""
+    from aios.storage.db import Database
+
+    url = database or _settings(config).kernel.storage.database
+    db = Database.open(url)
+    if db.path is not None and not Path(db.path).exists():
+        err.print(f"[red]error:[/red] no database at {db.path} (has aios serve run?)")
+        raise typer.Exit(2)
+    try:
+        conn = db.connect()
+    except AIOSError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    try:
+        yield conn
+    except AIOSError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    finally:
+        conn.close()
+
+
+def _when(stamp: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(stamp).isoformat(sep=" ", timespec="seconds")
+
+
+@storage_app.command("ls")
+def storage_ls(
+    agent: AgentArg,
+    path: Annotated[str, typer.Argument(help="A folder (default: the root).")] = "",
+    recursive: Annotated[bool, typer.Option("--recursive", "-r")] = False,
+    config: ConfigOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """List an agent's folder.
+
+    Example: aios storage ls alice notes -r
+    """
+    from aios.storage.files import Files, Principal
+
+    with _storage(config, database) as conn:
+        entries = Files().ls(conn, Principal(agent), path, recursive=recursive)
+    table = Table(box=None, header_style="bold")
+    for col in ("PATH", "KIND", "SIZE", "VERSION", "MODIFIED"):
+        table.add_column(col)
+    for e in entries:
+        size = str(e.size) if e.kind == "file" else "-"
+        table.add_row(e.path + ("/" if e.kind == "dir" else ""), e.kind, size,
+                      str(e.version or "-"), _when(e.modified))  # fmt: skip
+    console.print(table)
+
+
+@storage_app.command("cat")
+def storage_cat(
+    agent: AgentArg,
+    path: Annotated[str, typer.Argument(help="The file.")],
+    version: Annotated[int | None, typer.Option(help="A version id (see history).")] = None,
+    config: ConfigOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """Print a file (now, or at a version) to stdout, byte for byte.
+
+    Example: aios storage cat alice notes/today.md --version 12
+    """
+    import sys
+
+    from aios.storage.files import Files, Principal
+
+    with _storage(config, database) as conn:
+        found = Files().read(conn, Principal(agent), path, version=version)
+    sys.stdout.buffer.write(found["content"])
+    sys.stdout.flush()
+
+
+@storage_app.command("history")
+def storage_history(
+    agent: AgentArg,
+    path: Annotated[str, typer.Argument(help="The file.")],
+    limit: Annotated[int, typer.Option(help="At most this many versions.")] = 50,
+    config: ConfigOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """A file's versions, newest first (deleted files keep theirs).
+
+    Example: aios storage history alice notes/today.md
+    """
+    from aios.storage.files import Files, Principal
+
+    with _storage(config, database) as conn:
+        versions = Files().history(conn, Principal(agent), path, limit=limit)
+    table = Table(box=None, header_style="bold")
+    for col in ("VERSION", "OP", "SIZE", "WHEN", "BY", "SHA-256"):
+        table.add_column(col)
+    for v in versions:
+        table.add_row(str(v.id), v.op, str(v.size) if v.hash else "-", _when(v.at), v.author,
+                      (v.hash or "(deleted)")[:16])  # fmt: skip
+    console.print(table)
+
+
+@storage_app.command("rollback")
+def storage_rollback(
+    agent: AgentArg,
+    path: Annotated[str, typer.Argument(help="The file.")],
+    version: Annotated[int | None, typer.Option(help="Back to this version id.")] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(help="Back to the file as it was at this time (ISO 8601 or UNIX seconds)."),
+    ] = None,
+    config: ConfigOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """Restore a file to an earlier version; the rollback is itself a new version.
+
+    Example: aios storage rollback alice notes/today.md --at "2026-11-22 09:30"
+    """
+    from aios.storage.files import Files, Principal
+
+    if (version is None) == (at is None):
+        raise typer.BadParameter("give exactly one of --version or --at")
+    stamp = None if at is None else _timestamp(at)
+    with _storage(config, database) as conn:
+        stat = Files().rollback(conn, Principal(agent), path, version=version, at=stamp)
+    if stat is None:
+        err.print(f"{path}: rolled back to a deletion (the file is gone; its history stays)")
+    else:
+        err.print(f"{path}: now version {stat.version} ({stat.size} bytes)")
+
+
+def _timestamp(text: str) -> float:
+    import datetime
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise typer.BadParameter(f"--at must be ISO 8601 or UNIX seconds, got {text!r}") from None
+
+
+@memory_app.command("search")
+def memory_search(
+    agent: AgentArg,
+    query: Annotated[str, typer.Argument(help="Words to look for (any of them).")],
+    limit: Annotated[int, typer.Option(help="At most this many notes.")] = 5,
+    config: ConfigOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """An agent's notes matching a query, best first.
+
+    Example: aios memory search alice "meeting tuesday"
+    """
+    from aios.memory.notes import Notes
+
+    if not 1 <= limit <= 10_000:
+        raise typer.BadParameter("--limit must be in [1, 10000]")
+    with _storage(config, database) as conn:
+        hits = Notes().search(conn, agent, query, None, limit)
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "SCORE", "TEXT", "METADATA"):
+        table.add_column(col)
+    for note, score in hits:
+        table.add_row(str(note.id), f"{score:.3g}", note.text[:120], json.dumps(note.metadata))
+    console.print(table)
 
 
 def main() -> None:
