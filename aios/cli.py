@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from aios.config import POLICIES, CoreConfig, KernelConfig
+from aios.config import POLICIES, CoreConfig, KernelConfig, StorageConfig
 from aios.errors import AIOSError, ConfigError, InvalidRequest, ModelNotFound
 
 app = typer.Typer(
@@ -79,11 +79,14 @@ def _run(coro: Coroutine[Any, Any, T], verbose: bool = False) -> T:
         raise typer.Exit(130) from None
 
 
-def _kernel_config(model: str, slots: int, policy: str = "fifo", quantum: int = 32) -> KernelConfig:
+def _kernel_config(
+    model: str, slots: int, policy: str = "fifo", quantum: int = 32, database: str = ""
+) -> KernelConfig:
     return KernelConfig(
         cores=(CoreConfig(name="default", model=model, slots=slots),),
         policy=policy,
         quantum_tokens=quantum,
+        storage=StorageConfig(database=database),
     )
 
 
@@ -131,7 +134,9 @@ def run(
         raise typer.BadParameter(f"--policy must be one of {', '.join(POLICIES)}")
     if quantum < 1:
         raise typer.BadParameter("--quantum must be >= 1")
-    _run(_run_agents(agents, agent, _kernel_config(model, slots, policy, quantum)), verbose)
+    database = _settings(None).kernel.storage.database  # agents' files and notes persist
+    config = _kernel_config(model, slots, policy, quantum, database)
+    _run(_run_agents(agents, agent, config), verbose)
 
 
 def _jobs(n: int, agent: str) -> list[tuple[type[Any], str]]:
@@ -244,6 +249,11 @@ async def _run_agents(n: int, agent: str, config: KernelConfig) -> None:
         f"({stats.prefill_tokens} prefilled); {stats.preemptions} pre-emptions, "
         f"{stats.parked} idle contexts parked, {stats.unparked} restored"
     )
+    if any(p.name == "writer" for p in procs) and not kernel.resources.ephemeral:
+        console.print(
+            f"Writers' drafts and notes are in {kernel.resources.db.redacted()}: "
+            "aios storage ls writer drafts; aios memory search writer TOPIC"
+        )
     if failed:
         raise typer.Exit(1)
 

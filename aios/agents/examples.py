@@ -43,7 +43,8 @@ class Planner(Agent):
 
 
 class Writer(Agent):
-    """draft -> summary -> title: write, condense, name."""
+    """draft -> summary -> title: write, condense, name; the draft is kept in the agent's
+    storage (``drafts/TOPIC.md``, versioned) and the summary in its memory."""
 
     name = "writer"
     description = "drafts a paragraph on a topic, summarizes it, then titles it"
@@ -66,6 +67,9 @@ class Writer(Agent):
             max_tokens=16,
             stop=("\n",),
         )
+        slug = "-".join(task.lower().split())
+        await self.storage.write(f"drafts/{slug}.md", f"# {title.text.strip()}\n\n{draft.text}\n")
+        await self.memory.add(summary.text.strip() or draft.text[:200], {"topic": task})
         return f"{title.text.strip()!s}: {summary.text.strip()}"
 
 
