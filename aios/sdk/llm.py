@@ -52,8 +52,9 @@ class LLM:
         says what was used and dropped."""
         call = chat_call(messages, model, max_tokens, temperature, top_p, seed, stop, json)
         memory = MemoryUse(history, recall, remember)
-        used = memory if memory != MemoryUse() else None
-        return await self._client.llm(call, timeout=timeout, memory=used)
+        if memory == MemoryUse():  # clients that predate memory need not know the keyword
+            return await self._client.llm(call, timeout=timeout)
+        return await self._client.llm(call, timeout=timeout, memory=memory)
 
     async def complete(
         self,
