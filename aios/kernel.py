@@ -111,7 +111,7 @@ class Kernel:
         """Shutdown is cancellation: stop the loops, fail what is in flight, free the models.
         The body's own exception propagates unchanged (not wrapped in an ExceptionGroup)."""
         tasks, self._tasks = self._tasks, None
-        for loop in [*self._loops, *self._spawned]:
+        for loop in [*self._loops, *self._spawned, *self._background]:
             loop.cancel()
         await self._close_cores()
         if tasks is not None:
@@ -450,8 +450,8 @@ class Kernel:
         if call.prompt is not None:
             turns.append(("user", call.prompt))
         turns.append(("assistant", completion.text))
-        async with asyncio.timeout_at(deadline):
-            await self.resources.memory.remember(process.principal.name, turns)
+        async with asyncio.timeout_at(deadline):  # a caller who leaves does not cut it short
+            await asyncio.shield(self.resources.memory.remember(process.principal.name, turns))
 
     def _track(self, process: AgentProcess, syscall: Syscall) -> None:
         process.inflight.append(syscall)

@@ -423,7 +423,12 @@ def create_app(
         except AIOSError as e:
             envelope = server.envelope(call, identity.name, received, error=e)
             return error_response(
-                request.url.path, http_status(e), e.code, str(e), envelope=envelope
+                request.url.path,
+                http_status(e),
+                e.code,
+                str(e),
+                retry=retry_after(e),
+                envelope=envelope,
             )
         return JSONResponse(server.envelope(call, identity.name, received, result=result))
 
