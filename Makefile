@@ -31,6 +31,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 test: lint
+	.ci/install-postgres
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed-dev
