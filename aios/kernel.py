@@ -292,6 +292,7 @@ class Kernel:
             if error is not None:
                 if not request.status.finished:
                     request.fail(self.clock(), error)
+                    request.future.exception()  # the caller gets it raised here instead
                 raise error
             result = work.result()
             if not request.status.finished:

@@ -217,6 +217,16 @@ def test_http_routes_and_sdk(tmp_path: Path) -> None:
                 agent = Librarian(client)
                 assert await agent.run("over http") == "over http"
                 assert await agent.storage.read("bin") == b"\x00\xff"
+                first = await agent.llm.chat(
+                    [{"role": "user", "content": "remember me"}], history=True, remember=True
+                )
+                second = await agent.llm.chat(
+                    [{"role": "user", "content": "and now?"}], history=True, remember=True
+                )
+                assert first.context is not None and second.context is not None
+                assert second.context["history_used"] == 2  # the first exchange came back
+                turns = await agent.memory.history()
+                assert [t["content"] for t in turns][-4:-2] == ["remember me", first.text]
                 with pytest.raises(PermissionDenied):
                     async with AsyncClient(server.url, bob) as other:
                         await Librarian(other).storage.write("docs/y", "x", owner="alice")

@@ -239,6 +239,7 @@ class Database:
                 return await asyncio.wait_for(asyncio.shield(future), timeout)
             except TimeoutError:
                 job.withdrawn = True
+                future.add_done_callback(_retrieve)
                 if job.started is None:
                     raise DeadlineExceeded(
                         "the call's deadline passed while it was queued; nothing was changed"
@@ -248,6 +249,7 @@ class Database:
                 ) from None
             except asyncio.CancelledError:
                 job.withdrawn = True
+                future.add_done_callback(_retrieve)
                 raise
         finally:
             self._pending -= 1
@@ -271,3 +273,9 @@ class Database:
     def pending(self) -> int:
         """Jobs submitted and not finished."""
         return self._pending
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Collect the outcome of a job nobody waits for any more (no "never retrieved" noise)."""
+    if not future.cancelled():
+        future.exception()
