@@ -204,6 +204,7 @@ class Notes:
     def append(self, conn: Conn, owner: str, turns: list[tuple[str, str]]) -> list[Turn]:
         """Append turns (role, content) at the end of the agent's history."""
         with conn.transaction():
+            conn.lock(f"history:{owner}")
             n = int(
                 conn.scalar("SELECT COALESCE(MAX(n) + 1, 0) FROM history WHERE owner = ?", (owner,))
             )

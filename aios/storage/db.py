@@ -103,6 +103,12 @@ class Conn:
         finally:
             self._depth = 0
 
+    def lock(self, key: str) -> None:
+        """Inside a transaction: serialize with every other transaction that locks ``key``
+        (PostgreSQL's transaction-scoped advisory lock; SQLite's write lock already does)."""
+        if self.dialect == "postgres":
+            self.run("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))
+
     def close(self) -> None:
         self.raw.close()
 

@@ -280,6 +280,7 @@ class Files:
         if mode not in ("overwrite", "create", "append"):
             raise InvalidRequest(f"write mode must be overwrite, create or append, got {mode!r}")
         with conn.transaction():
+            conn.lock(f"files:{owner}")  # one writer per namespace: quota checks hold
             self._check(conn, who, owner, path, "rw")
             found = self._get(conn, owner, path)
             if found is not None and found.kind == "dir":
@@ -296,6 +297,7 @@ class Files:
         """Create a folder (and the folders above it); an existing folder is fine."""
         owner, path = self._owner(who, owner), normalize(path)
         with conn.transaction():
+            conn.lock(f"files:{owner}")  # one writer per namespace: quota checks hold
             self._check(conn, who, owner, path, "rw")
             self._mkdirs(conn, who, owner, path)
             return self.stat(conn, who, path, owner)
@@ -314,6 +316,7 @@ class Files:
         if not path:
             raise InvalidRequest("cannot delete the root folder")
         with conn.transaction():
+            conn.lock(f"files:{owner}")  # one writer per namespace: quota checks hold
             self._check(conn, who, owner, path, "rw")
             found = self._need(conn, who, owner, path)
             inside = self.ls(conn, Principal(owner), path, owner, recursive=True)
@@ -340,6 +343,7 @@ class Files:
         if under(dst, src):
             raise InvalidRequest(f"cannot move {src!r} into itself ({dst!r})")
         with conn.transaction():
+            conn.lock(f"files:{owner}")  # one writer per namespace: quota checks hold
             self._check(conn, who, owner, src, "rw")
             self._check(conn, who, owner, dst, "rw")
             found = self._need(conn, who, owner, src)
@@ -378,6 +382,7 @@ class Files:
         if (version is None) == (at is None):
             raise InvalidRequest("give exactly one of 'version' or 'at' (a UNIX timestamp)")
         with conn.transaction():
+            conn.lock(f"files:{owner}")  # one writer per namespace: quota checks hold
             self._check(conn, who, owner, path, "rw")
             if version is not None:
                 row = conn.one(
