@@ -330,6 +330,7 @@ BENCHMARKS = {
     "context-switch": "KV snapshot and restore vs re-prefill, by context length.",
     "scale": "100-2000 agents on the simulated core, with and without the kernel.",
     "http-overhead": "What the HTTP server adds to a syscall (instant simulated core).",
+    "memory-storage": "Memory and storage syscalls, SQLite vs PostgreSQL, 1k-100k notes.",
 }
 
 
