@@ -359,8 +359,14 @@ class Kernel:
         fitted: Fitted | None = None
         asked = call
         if memory is not None and memory.fits:
-            async with asyncio.timeout_at(deadline):
-                call, fitted = await self._from_memory(process, core, call, memory)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    call, fitted = await self._from_memory(process, core, call, memory)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"reading {process.id}'s memory took the whole {budget:g}s; "
+                    "the call never started"
+                ) from None
         request: LLMRequest | None = None
         completion: Completion | None = None
         try:
@@ -451,8 +457,14 @@ class Kernel:
         if call.prompt is not None:
             turns.append(("user", call.prompt))
         turns.append(("assistant", completion.text))
-        async with asyncio.timeout_at(deadline):  # a caller who leaves does not cut it short
-            await asyncio.shield(self.resources.memory.remember(process.principal.name, turns))
+        try:
+            async with asyncio.timeout_at(deadline):  # a caller who leaves does not cut it short
+                await asyncio.shield(self.resources.memory.remember(process.principal.name, turns))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "the answer came, but recording it in the history passed the deadline "
+                "(it may still be recorded)"
+            ) from None
 
     def _track(self, process: AgentProcess, syscall: Syscall) -> None:
         process.inflight.append(syscall)
