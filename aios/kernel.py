@@ -263,7 +263,7 @@ class Kernel:
         An unknown kind or operation raises at once (NotFound); nothing is queued."""
         budget = self._budget(timeout)
         self.resources.op(kind, op)
-        request = ResourceCall(process.id, self.clock(), kind, op)  # type: ignore[arg-type]
+        request = ResourceCall(process.id, self.clock(), kind, op)
         request.job.deadline = time.monotonic() + budget
         request.work = asyncio.ensure_future(
             self.resources.call(process.principal, kind, op, args, request.job)
@@ -429,7 +429,7 @@ class Kernel:
         count, budget, exact = self._measure(core, call)
         fitted = fit(
             call.messages,
-            [Message(t.role, t.content) for t in turns],  # type: ignore[arg-type]
+            [Message.coerce({"role": t.role, "content": t.content}) for t in turns],
             notes,
             count,
             budget,

@@ -42,7 +42,7 @@ STORAGE_OPS = ("write", "read", "stat", "ls", "delete", "mkdir", "move", "histor
 class ResourceCall(Syscall):
     """A memory or storage syscall: ``kind`` is "memory" or "storage", ``op`` the operation."""
 
-    def __init__(self, agent: str, now: float, kind: Kind, op: str) -> None:
+    def __init__(self, agent: str, now: float, kind: str, op: str) -> None:
         super().__init__(agent, now)
         self.kind = kind
         self.op = op
