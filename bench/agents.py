@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import percentile
 from throughput import DirectClient
 
 from aios.config import CoreConfig, KernelConfig
@@ -175,11 +176,6 @@ async def arm_kernel(
 
 
 # -- metrics -------------------------------------------------------------------------------------
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def jain(values: list[float]) -> float:
     """Jain's fairness index: 1 when all equal, 1/n when one gets everything."""
     return sum(values) ** 2 / (len(values) * sum(v * v for v in values)) if values else 1.0
@@ -196,12 +192,12 @@ def metrics(runs: list[AgentRun], wall: float) -> dict[str, Any]:
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
         "mean_s": statistics.fmean(seconds),
-        "p50_s": pct(seconds, 0.5),
-        "p95_s": pct(seconds, 0.95),
-        "p99_s": pct(seconds, 0.99),
-        "short_p99_s": pct(short, 0.99),
+        "p50_s": percentile(seconds, 0.5),
+        "p95_s": percentile(seconds, 0.95),
+        "p99_s": percentile(seconds, 0.99),
+        "short_p99_s": percentile(short, 0.99),
         "wait_mean_s": statistics.fmean(waits),
-        "wait_p95_s": pct(waits, 0.95),
+        "wait_p95_s": percentile(waits, 0.95),
         # Per-agent service rate (output tokens per second of the agent's life).
         "jain": jain([r.tokens / r.seconds for r in runs]),
     }

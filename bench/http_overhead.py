@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import percentile
 
 from aios.config import CoreConfig, KernelConfig
 from aios.kernel import Kernel
@@ -78,11 +79,6 @@ def serve_child(data_dir: str, conn: Any) -> None:
         conn.send((server.url, server.admin_token))
         with contextlib.suppress(EOFError):
             conn.recv()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def run_level(arm: str, clients: int, seconds: float, target: Any) -> dict[str, Any]:

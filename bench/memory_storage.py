@@ -38,6 +38,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from common import percentile
+
 from aios.config import MemoryConfig, StorageConfig
 from aios.resources import Resources
 from aios.storage.db import Conn, Job
@@ -85,11 +87,6 @@ class Text:
     def query(self) -> str:
         # Mid-frequency words: what a query about something specific looks like.
         return " ".join(self.rng.choice(self.words[20:600]) for _ in range(self.rng.randint(2, 3)))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def timed(count: int, op: Callable[[int], Awaitable[Any]]) -> dict[str, float]:

@@ -70,6 +70,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import percentile
+
 from aios.config import CoreConfig, KernelConfig
 from aios.errors import AIOSError
 from aios.kernel import Kernel
@@ -294,13 +296,6 @@ def loop_gaps(busy: list[tuple[float, float, bool]]) -> list[float]:
     return [nxt[0] - prev[1] for prev, nxt in itertools.pairwise(busy) if nxt[2]]
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def rss_mb() -> tuple[float, float]:
     """(current, peak) resident set size of this process in MB."""
     try:
@@ -340,15 +335,15 @@ async def run_one(arm: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": wall,
         "agents_per_min": 60 * tally.completed_agents / wall,
         "tokens": tally.tokens,
-        "latency_p50_s": pct(tally.latencies, 0.5),
-        "latency_p99_s": pct(tally.latencies, 0.99),
-        "overhead_p50_ms": 1000 * pct(overhead, 0.5),
-        "overhead_p99_ms": 1000 * pct(overhead, 0.99),
+        "latency_p50_s": percentile(tally.latencies, 0.5),
+        "latency_p99_s": percentile(tally.latencies, 0.99),
+        "overhead_p50_ms": 1000 * percentile(overhead, 0.5),
+        "overhead_p99_ms": 1000 * percentile(overhead, 0.99),
         "overhead_mean_ms": 1000 * statistics.fmean(overhead) if overhead else float("nan"),
         # Of all the time calls were in flight, the share the engine sat idle.
         "overhead_share": sum(overhead) / max(1e-9, sum(b - a for a, b in tally.windows)),
-        "loop_gap_p50_ms": 1000 * pct(gaps, 0.5),
-        "loop_gap_p99_ms": 1000 * pct(gaps, 0.99),
+        "loop_gap_p50_ms": 1000 * percentile(gaps, 0.5),
+        "loop_gap_p99_ms": 1000 * percentile(gaps, 0.99),
         "loop_gap_mean_ms": 1000 * statistics.fmean(gaps) if gaps else float("nan"),
         # A step's modeled time on the calibrated machine (time_scale 1), and the loop's cost
         # relative to it: the kernel's per-step overhead at the calibrated machine's speed.
