@@ -136,6 +136,19 @@ class Conflict(AIOSError):
     code = "conflict"
 
 
+class ToolError(AIOSError):
+    """A tool failed (raised, or returned something unusable); the kernel and other tools are
+    unaffected, and the message says what went wrong."""
+
+    code = "tool_error"
+
+
+class ToolTimeout(ToolError):
+    """A tool ran past its timeout (or the call's deadline); it was stopped."""
+
+    code = "tool_timeout"
+
+
 class Unreachable(AIOSError):
     """The kernel could not be reached over HTTP (after the client's retries)."""
 

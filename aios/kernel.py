@@ -37,6 +37,7 @@ from aios.quota import Quotas
 from aios.resources import ResourceCall, Resources
 from aios.scheduler import make_policy
 from aios.syscall import Completion, LLMCall, LLMRequest, MemoryUse, Message, Syscall
+from aios.tools.registry import ToolRegistry
 
 if TYPE_CHECKING:
     from aios.sdk.agent import Agent
@@ -61,6 +62,7 @@ class Kernel:
         *,
         engine_factory: EngineFactory = llamacpp_engine,
         clock: Callable[[], float] = time.monotonic,
+        tools: ToolRegistry | None = None,
     ) -> None:
         self.config = config or KernelConfig()
         self.cores: dict[str, Core] = {}
@@ -74,7 +76,7 @@ class Kernel:
         self.syscalls: dict[str, tuple[Syscall, AgentProcess]] = {}
         # The database under memory and storage (a private temporary SQLite file unless
         # ``config.storage.database`` names one).
-        self.resources = Resources(self.config.storage, self.config.memory)
+        self.resources = Resources(self.config.storage, self.config.memory, tools)
         self._background: set[asyncio.Future[Any]] = set()
 
     # -- lifespan --------------------------------------------------------------------------

@@ -27,14 +27,19 @@ from aios.memory.manager import MemoryManager
 from aios.storage.db import Database, Job
 from aios.storage.files import Files, Principal
 from aios.syscall import Syscall
+from aios.tools.builtin import builtin_tools
+from aios.tools.manager import ToolManager
+from aios.tools.registry import ToolRegistry
+from aios.tools.spec import ToolContext
 
-Kind = Literal["memory", "storage"]
-KINDS: tuple[Kind, ...] = ("memory", "storage")
+Kind = Literal["memory", "storage", "tools"]
+KINDS: tuple[Kind, ...] = ("memory", "storage", "tools")
 Op = Callable[..., Awaitable[Any]]
 
 # operation -> the manager's method
 MEMORY_OPS = {op: op for op in ("add", "get", "update", "delete", "search", "remember", "history",
                                 "forget", "usage")} | {"list": "list_notes"}  # fmt: skip
+TOOL_OPS = ("call", "list")
 STORAGE_OPS = ("write", "read", "stat", "ls", "delete", "mkdir", "move", "history", "rollback",
                "share", "unshare", "shares", "search", "usage")  # fmt: skip
 
@@ -53,7 +58,12 @@ class ResourceCall(Syscall):
 class Resources:
     """The database, and the memory and storage managers on it."""
 
-    def __init__(self, storage: StorageConfig, memory: MemoryConfig) -> None:
+    def __init__(
+        self,
+        storage: StorageConfig,
+        memory: MemoryConfig,
+        tools: ToolRegistry | None = None,
+    ) -> None:
         self._tmp: Path | None = None
         url = storage.database
         if not url:  # a real SQLite database, private to this kernel's lifetime (created at start)
@@ -64,6 +74,7 @@ class Resources:
         )
         self.files = Files(storage)
         self.memory = MemoryManager(self.db, memory)
+        self.tools = ToolManager(tools or ToolRegistry(builtin_tools()))
 
     @property
     def ephemeral(self) -> bool:
@@ -74,6 +85,7 @@ class Resources:
         await self.db.start()
 
     async def close(self) -> None:
+        self.tools.close()
         await self.db.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -97,10 +109,35 @@ class Resources:
 
             storage_op.__signature__ = _tail(inspect.signature(method))  # type: ignore[attr-defined]
             return storage_op
-        ops = list(MEMORY_OPS) if kind == "memory" else STORAGE_OPS if kind == "storage" else ()
+        if kind == "tools" and name in TOOL_OPS:
+            return self._tool_op(name)
+        ops = {"memory": tuple(MEMORY_OPS), "storage": STORAGE_OPS, "tools": TOOL_OPS}.get(kind, ())
         if not ops:
             raise NotFound(f"no syscall kind {kind!r}; kinds: {', '.join(KINDS)}")
         raise NotFound(f"no {kind} operation {name!r}; operations: {', '.join(ops)}")
+
+    def _tool_op(self, name: str) -> Op:
+        tools = self.tools
+        if name == "list":
+
+            async def list_tools(who: Principal, *, job: Job) -> Any:
+                return tools.list()
+
+            list_tools.__signature__ = _tail(inspect.signature(list_tools))  # type: ignore[attr-defined]
+            return list_tools
+
+        async def call_tool(
+            who: Principal, name: str, arguments: dict[str, Any] | None = None, *, job: Job
+        ) -> Any:
+            async def syscall(kind: str, op: str, args: dict[str, Any]) -> Any:
+                if kind not in ("memory", "storage"):
+                    raise InvalidRequest("a tool makes memory and storage calls only")
+                return await self.call(who, kind, op, args, job)
+
+            return await tools.call(ToolContext(who.name, syscall), name, arguments, job)
+
+        call_tool.__signature__ = _tail(inspect.signature(call_tool))  # type: ignore[attr-defined]
+        return call_tool
 
     async def call(
         self, who: Principal, kind: str, name: str, args: dict[str, Any], job: Job

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from aios.sdk.llm import LLM, SyscallClient
-from aios.sdk.resources import Memory, Storage
+from aios.sdk.resources import Memory, Storage, Tools
 
 
 class Agent(ABC):
@@ -28,6 +28,7 @@ class Agent(ABC):
         self.llm = LLM(client)
         self.memory = Memory(client)
         self.storage = Storage(client)
+        self.tools = Tools(client)
 
     @abstractmethod
     async def run(self, task: str) -> str:

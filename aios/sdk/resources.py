@@ -186,3 +186,20 @@ class Storage:
     async def usage(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("usage")
         return result
+
+
+class Tools:
+    """The kernel's tools: ``await self.tools.call("calculator", expression="12*7")``."""
+
+    def __init__(self, client: ResourceClient) -> None:
+        self._client = client
+
+    async def call(self, name: str, /, **arguments: Any) -> Any:
+        """Run a tool; its result (a typed error if the arguments are invalid, the tool
+        fails or it runs past its timeout)."""
+        return await self._client.call("tools", "call", {"name": name, "arguments": arguments})
+
+    async def list(self) -> builtins.list[dict[str, Any]]:
+        """Every tool: name, description, JSON Schema of its parameters, limits, annotations."""
+        result: builtins.list[dict[str, Any]] = await self._client.call("tools", "list", {})
+        return result

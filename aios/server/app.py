@@ -45,6 +45,8 @@ from aios.errors import (
     StorageError,
     StorageFull,
     SyscallCancelled,
+    ToolError,
+    ToolTimeout,
     Unauthenticated,
 )
 from aios.identity import Identities, Identity
@@ -81,6 +83,8 @@ STATUS: tuple[tuple[type[AIOSError], int], ...] = (  # most specific first
     (CoreUnavailable, 503),
     (KernelShutdown, 503),
     (CoreError, 502),
+    (ToolTimeout, 504),
+    (ToolError, 502),
     (DeadlineExceeded, 504),
 )
 
@@ -460,6 +464,17 @@ def create_app(
     )
     async def storage_op(op: str, identity: Caller, request: Request) -> Response:
         return await resource("storage", op, identity, request)
+
+    @app.post(
+        "/api/v1/tools/{op}",
+        response_model=SyscallOut,
+        responses=responses,
+        tags=["tools"],
+        summary='Tool syscall: list, or call a tool ({"name": ..., "arguments": {...}})',
+        description=resource_doc,
+    )
+    async def tools_op(op: str, identity: Caller, request: Request) -> Response:
+        return await resource("tools", op, identity, request)
 
     def find_syscall(identity: Identity, syscall_id: str) -> tuple[Syscall, AgentProcess]:
         found = kernel.syscall(syscall_id)

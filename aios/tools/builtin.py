@@ -1,0 +1,148 @@
+"""Built-in tools: a calculator (safe: an expression tree walked by hand, never ``eval``), the
+current time, and the calling agent's own files and notes (through the storage and memory
+managers, access-checked as that agent). None of them reaches the network."""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from aios.tools.spec import ToolContext, ToolSpec, tool
+
+MAX_EXPRESSION = 500
+MAX_EXPONENT = 1000
+MAX_MAGNITUDE = 1e300
+
+_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
+    ast.UAdd: operator.pos,
+    ast.USub: operator.neg,
+}
+_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "sqrt": math.sqrt, "abs": abs, "round": round, "min": min, "max": max, "log": math.log,
+    "log10": math.log10, "exp": math.exp, "sin": math.sin, "cos": math.cos, "tan": math.tan,
+    "floor": math.floor, "ceil": math.ceil,
+}  # fmt: skip
+_CONSTANTS = {"pi": math.pi, "e": math.e}
+
+
+def evaluate(expression: str) -> int | float:
+    """The value of an arithmetic expression: numbers, + - * / // % **, parentheses, the
+    functions and constants above. Anything else is a ValueError saying what."""
+    if len(expression) > MAX_EXPRESSION:
+        raise ValueError(f"the expression is longer than {MAX_EXPRESSION} characters")
+    try:
+        tree = ast.parse(expression.replace("^", "**").replace("×", "*"), mode="eval")
+    except SyntaxError:
+        raise ValueError(f"not an arithmetic expression: {expression!r}") from None
+    value: int | float = _eval(tree.body)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("the result is not a finite number")
+    return value
+
+
+def _eval(node: ast.AST) -> Any:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in _CONSTANTS:
+        return _CONSTANTS[node.id]
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_eval(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Pow) and (
+            abs(right) > MAX_EXPONENT
+            or (abs(left) > 1 and abs(right) * math.log10(abs(left)) > 300)
+        ):
+            raise ValueError("the power is too large")
+        try:
+            value = _BINARY[type(node.op)](left, right)
+        except ZeroDivisionError:
+            raise ValueError("division by zero") from None
+        if abs(value) > MAX_MAGNITUDE:
+            raise ValueError("the result is too large")
+        return value
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _FUNCTIONS
+        and not node.keywords
+        and len(node.args) <= 4
+    ):
+        try:
+            return _FUNCTIONS[node.func.id](*(_eval(a) for a in node.args))
+        except (OverflowError, TypeError) as e:
+            raise ValueError(f"{node.func.id}: {e}") from None
+    raise ValueError(f"not allowed in an expression: {ast.unparse(node)!r}")
+
+
+def calculator(expression: str) -> int | float:
+    """Evaluate an arithmetic expression exactly, e.g. "12*7" or "sqrt(2)/3". Use it for any
+    arithmetic instead of guessing."""
+    return evaluate(expression)
+
+
+def current_time(timezone: str = "UTC") -> str:
+    """The current date and time (ISO 8601) in an IANA timezone such as "Europe/Paris"."""
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {timezone!r}") from None
+    return datetime.datetime.now(zone).isoformat(timespec="seconds")
+
+
+async def read_file(path: str, ctx: ToolContext) -> str:
+    """Read one of your text files."""
+    found = await ctx.call("storage", "read", {"path": path})
+    return bytes(found["content"]).decode(errors="replace")
+
+
+async def write_file(path: str, content: str, ctx: ToolContext) -> dict[str, Any]:
+    """Write (create or overwrite) one of your text files; the old version stays in its
+    history."""
+    stat: dict[str, Any] = await ctx.call("storage", "write", {"path": path, "content": content})
+    return {"path": stat["path"], "size": stat["size"], "version": stat["version"]}
+
+
+async def list_files(ctx: ToolContext, path: str = "") -> list[str]:
+    """List one of your folders (the root by default)."""
+    entries = await ctx.call("storage", "ls", {"path": path})
+    return [e["path"] + ("/" if e["kind"] == "dir" else "") for e in entries]
+
+
+async def remember(text: str, ctx: ToolContext) -> int:
+    """Save a note in your memory; its id."""
+    note = await ctx.call("memory", "add", {"text": text})
+    return int(note["id"])
+
+
+async def recall(query: str, ctx: ToolContext, limit: int = 3) -> list[str]:
+    """Your notes most relevant to a query."""
+    hits = await ctx.call("memory", "search", {"query": query, "limit": limit})
+    return [hit["note"]["text"] for hit in hits]
+
+
+def builtin_tools() -> list[ToolSpec]:
+    """The built-in tools, with their limits and annotations."""
+    return [
+        tool(concurrency=64, timeout=2.0, read_only=True)(calculator),
+        tool(concurrency=64, timeout=1.0, read_only=True)(current_time),
+        tool(read_only=True, timeout=10.0)(read_file),
+        tool(destructive=True, timeout=10.0)(write_file),
+        tool(read_only=True, timeout=10.0)(list_files),
+        tool(timeout=10.0)(remember),
+        tool(read_only=True, timeout=10.0)(recall),
+    ]
