@@ -31,7 +31,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 test: lint
-	.ci/install-postgres
+	.ci/install-system
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed-dev

@@ -1,10 +1,12 @@
 """Built-in tools: a calculator (safe: an expression tree walked by hand, never ``eval``), the
-current time, and the calling agent's own files and notes (through the storage and memory
-managers, access-checked as that agent). None of them reaches the network."""
+current time, the calling agent's own files and notes (through the storage and memory
+managers, access-checked as that agent), and Python in the sandbox. None of them reaches the
+network."""
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import datetime
 import math
 import operator
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from aios.tools.sandbox import Limits, Sandbox, python_argv
 from aios.tools.spec import ToolContext, ToolSpec, tool
 
 MAX_EXPRESSION = 500
@@ -135,6 +138,22 @@ async def recall(query: str, ctx: ToolContext, limit: int = 3) -> list[str]:
     return [hit["note"]["text"] for hit in hits]
 
 
+def python_tool(limits: Limits | None = None) -> ToolSpec:
+    """The sandboxed Python tool (the sandbox is detected on its first call)."""
+    limits = limits or Limits()
+    found: list[Sandbox] = []
+
+    async def python(code: str) -> dict[str, object]:
+        """Run Python 3 code in a sandbox (no network, read-only system, a private scratch
+        folder, CPU/memory/time limits) and get its exit code, stdout and stderr. Print what
+        you want to see."""
+        if not found:
+            found.append(await asyncio.to_thread(Sandbox.detect))
+        return (await found[0].run(python_argv(code), limits)).to_json()
+
+    return tool(concurrency=2, timeout=limits.wall_seconds + 5)(python)
+
+
 def builtin_tools() -> list[ToolSpec]:
     """The built-in tools, with their limits and annotations."""
     return [
@@ -145,4 +164,5 @@ def builtin_tools() -> list[ToolSpec]:
         tool(read_only=True, timeout=10.0)(list_files),
         tool(timeout=10.0)(remember),
         tool(read_only=True, timeout=10.0)(recall),
+        python_tool(),
     ]
