@@ -94,7 +94,10 @@ def _kernel_config(
 def run(
     agents: Annotated[int, typer.Option("--agents", "-n", help="How many agents run at once.")] = 8,
     agent: Annotated[
-        str, typer.Option(help="Example agent: planner, writer, quiz, or mixed (all three).")
+        str,
+        typer.Option(
+            help="Example agent: planner, writer, quiz, math, filer, or mixed (the first three)."
+        ),
     ] = "mixed",
     model: ModelOpt = "smollm2-135m",
     slots: SlotsOpt = 16,
@@ -141,9 +144,9 @@ def run(
 
 def _jobs(n: int, agent: str) -> list[tuple[type[Any], str]]:
     """``n`` (agent class, task) pairs: one kind, or the example kinds in turn."""
-    from aios.agents import AGENTS, get_agent, tasks_for
+    from aios.agents import MIXED, get_agent, tasks_for
 
-    kinds = list(AGENTS.values()) if agent == "mixed" else [get_agent(agent)]
+    kinds = list(MIXED) if agent == "mixed" else [get_agent(agent)]
     per_kind = {cls: tasks_for(cls, n) for cls in kinds}
     return [
         (kinds[i % len(kinds)], per_kind[kinds[i % len(kinds)]][i // len(kinds)]) for i in range(n)

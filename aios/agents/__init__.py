@@ -7,12 +7,18 @@ short outputs, every step fed by the previous step's answer.
 from __future__ import annotations
 
 from aios.agents.examples import Planner, Quiz, Writer
+from aios.agents.react import FileAgent, MathAgent
 from aios.errors import ConfigError
 from aios.sdk import Agent
 
-AGENTS: dict[str, type[Agent]] = {a.name: a for a in (Planner, Writer, Quiz)}
+AGENTS: dict[str, type[Agent]] = {a.name: a for a in (Planner, Writer, Quiz, MathAgent, FileAgent)}
 
-__all__ = ["AGENTS", "Planner", "Quiz", "Writer", "get_agent", "tasks_for"]
+MIXED: tuple[type[Agent], ...] = (Planner, Writer, Quiz)  # what `aios run` mixes by default
+
+__all__ = [
+    "AGENTS", "MIXED", "FileAgent", "MathAgent", "Planner", "Quiz", "Writer", "get_agent",
+    "tasks_for",
+]  # fmt: skip
 
 
 def get_agent(name: str) -> type[Agent]:

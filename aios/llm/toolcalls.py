@@ -31,9 +31,10 @@ class ToolCall:
     arguments: dict[str, Any]
 
 
-def answer_schema(tools: tuple[Tool, ...], choice: str | None) -> str:
+def answer_schema(tools: tuple[Tool, ...], choice: str | None, max_calls: int = MAX_CALLS) -> str:
     """The JSON Schema of an answer. ``choice``: ``"auto"`` (call tools or answer),
-    ``"required"`` (call at least one tool) or the name of the one tool to call."""
+    ``"required"`` (call at least one tool) or the name of the one tool to call; at most
+    ``max_calls`` calls in one answer."""
     if not tools:
         raise InvalidRequest("tools must not be empty")
     chosen = tools
@@ -50,7 +51,7 @@ def answer_schema(tools: tuple[Tool, ...], choice: str | None) -> str:
                 "minItems": 1,
                 "maxItems": 1
                 if len(chosen) == 1 and choice not in ("auto", "required")
-                else MAX_CALLS,
+                else max_calls,
                 "items": {"anyOf": [_call_schema(t) for t in chosen]},
             }
         },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from json import dumps
 from typing import Any, Protocol
 
 from aios.syscall import Completion, LLMCall, MemoryUse, Message, SamplingParams
@@ -37,20 +38,24 @@ class LLM:
         seed: int | None = None,
         stop: str | Iterable[str] = (),
         json: bool = False,
+        json_schema: dict[str, Any] | None = None,
         timeout: float | None = None,
         history: bool = False,
         recall: int = 0,
         remember: bool = False,
     ) -> Completion:
         """Chat completion with the model's chat template. Greedy unless ``temperature > 0``;
-        ``json=True`` constrains the output to a JSON object.
+        ``json=True`` constrains the output to a JSON object, ``json_schema`` to one matching
+        that JSON Schema (a grammar on the embedded core).
 
         Memory: ``history=True`` puts this agent's conversation history before ``messages``
         (the most recent turns that fit), ``recall=k`` adds its k notes most relevant to the
         last user message, ``remember=True`` appends ``messages`` (not system ones) and the
         answer to the history. The kernel fits it into the context; ``Completion.context``
         says what was used and dropped."""
-        call = chat_call(messages, model, max_tokens, temperature, top_p, seed, stop, json)
+        call = chat_call(
+            messages, model, max_tokens, temperature, top_p, seed, stop, json, json_schema
+        )
         memory = MemoryUse(history, recall, remember)
         if memory == MemoryUse():  # clients that predate memory need not know the keyword
             return await self._client.llm(call, timeout=timeout)
@@ -84,12 +89,16 @@ def chat_call(
     seed: int | None = None,
     stop: str | Iterable[str] = (),
     json: bool = False,
+    json_schema: dict[str, Any] | None = None,
 ) -> LLMCall:
     """The LLM call of a chat request (shared by the async and the blocking clients)."""
+    schema = None if json_schema is None else dumps(json_schema)
     return LLMCall(
         messages=tuple(Message.coerce(m) for m in messages),
         model=model,
-        params=SamplingParams(max_tokens, temperature, top_p, seed, _stops(stop), json),
+        params=SamplingParams(
+            max_tokens, temperature, top_p, seed, _stops(stop), json, json_schema=schema
+        ),
     )
 
 
