@@ -757,5 +757,60 @@ def memory_search(
     console.print(table)
 
 
+# -- the audit log -----------------------------------------------------------------------------
+audit_app = typer.Typer(help="The hash-chained audit log of every syscall.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    head: Annotated[
+        str | None,
+        typer.Option(help="The head hash you kept from an earlier verify (detects truncation)."),
+    ] = None,
+    config: ConfigOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """Recompute the chain: exit 0 if every record checks, 1 naming the first that does not.
+
+    Example: aios audit verify --head 3f2a...
+    """
+    from aios.audit import verify
+
+    with _storage(config, database) as conn:
+        verdict = verify(conn, head)
+    if verdict.ok:
+        console.print(f"ok: {verdict.records} records; head {verdict.head}")
+        return
+    err.print(f"[red]TAMPERED:[/red] {verdict.problem} ({verdict.records} records check)")
+    raise typer.Exit(1)
+
+
+@audit_app.command("tail")
+def audit_tail(
+    n: Annotated[int, typer.Option("-n", help="How many records.")] = 20,
+    config: ConfigOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """The newest records.
+
+    Example: aios audit tail -n 50
+    """
+    from aios.audit import FIELDS
+
+    with _storage(config, database) as conn:
+        rows = conn.all(
+            f"SELECT seq, {', '.join(FIELDS)} FROM audit ORDER BY seq DESC LIMIT ?", (n,)
+        )
+    table = Table(box=None, header_style="bold")
+    for col in ("SEQ", "WHEN", "PRINCIPAL", "PROCESS", "CALL", "RESOURCE", "DECISION", "OUTCOME"):
+        table.add_column(col)
+    for row in reversed(rows):
+        seq, at, principal, process, kind, op, resource, decision, outcome, _ = row
+        table.add_row(str(seq), _when(at), principal, process, f"{kind}.{op}", resource[:40],
+                      decision, outcome)  # fmt: skip
+    console.print(table)
+
+
 def main() -> None:
     app()

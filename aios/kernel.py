@@ -18,6 +18,7 @@ from contextlib import AsyncExitStack, aclosing
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from aios.audit import AuditLog, Record
 from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig, RouterConfig
 from aios.errors import (
     AIOSError,
@@ -34,7 +35,7 @@ from aios.llm.router import Router
 from aios.memory.fit import Counter, Fitted, estimate, fit
 from aios.process import AgentProcess
 from aios.quota import Quotas
-from aios.resources import ResourceCall, Resources
+from aios.resources import ResourceCall, Resources, target
 from aios.scheduler import make_policy
 from aios.syscall import Completion, LLMCall, LLMRequest, MemoryUse, Message, Syscall
 from aios.tools.registry import ToolRegistry
@@ -77,11 +78,13 @@ class Kernel:
         # The database under memory and storage (a private temporary SQLite file unless
         # ``config.storage.database`` names one).
         self.resources = Resources(self.config.storage, self.config.memory, tools)
+        self.audit = AuditLog(self.resources.db)  # every syscall, hash-chained
         self._background: set[asyncio.Future[Any]] = set()
 
     # -- lifespan --------------------------------------------------------------------------
     async def __aenter__(self) -> Kernel:
         await self.resources.start()
+        self.audit.start()
         try:
             for cfg in self.config.cores:  # load every model before anything runs
                 if isinstance(cfg, RouterConfig):
@@ -95,6 +98,7 @@ class Kernel:
                     self.cores[cfg.name] = Router(cfg, members, self.clock)
         except BaseException:
             await self._close_cores()
+            await self.audit.close()
             await self.resources.close()
             raise
         # One TaskGroup owns the kernel's long-lived tasks (the cores' decode loops).
@@ -118,6 +122,7 @@ class Kernel:
         await self._close_cores()
         if tasks is not None:
             await tasks.__aexit__(None, None, None)
+        await self.audit.close()
         await self.resources.close()
 
     def _build_core(self, cfg: CoreConfig | RemoteCoreConfig) -> Core:
@@ -264,8 +269,13 @@ class Kernel:
         """Queue a memory or storage syscall on the database's workers (see :meth:`settle`).
         An unknown kind or operation raises at once (NotFound); nothing is queued."""
         budget = self._budget(timeout)
-        self.resources.op(kind, op)
+        try:
+            self.resources.op(kind, op)
+        except AIOSError as e:
+            self._audit(process, kind, op, target(kind, op, args), "rejected", e.code)
+            raise
         request = ResourceCall(process.id, self.clock(), kind, op)
+        request.resource = target(kind, op, args)
         request.job.deadline = time.monotonic() + budget
         request.work = asyncio.ensure_future(
             self.resources.call(process.principal, kind, op, args, request.job)
@@ -307,6 +317,25 @@ class Kernel:
             raise
         finally:
             process.account(request, None)
+            self._audit(
+                process, request.kind, request.op, request.resource, "allowed", _outcome(request)
+            )
+
+    def _audit(
+        self, process: AgentProcess, kind: str, op: str, resource: str, decision: str, outcome: str
+    ) -> None:
+        self.audit.record(
+            Record(
+                time.time(),
+                process.principal.name,
+                process.id,
+                kind,
+                op,
+                resource,
+                decision,
+                outcome,
+            )
+        )
 
     def _settled(self, work: asyncio.Future[Any]) -> None:
         self._background.discard(work)
@@ -410,6 +439,14 @@ class Kernel:
             if request is not None:
                 core.cancel(request)  # no-op once finished; frees the slot if the caller left
                 process.account(request, completion)
+                self._audit(
+                    process,
+                    "llm",
+                    "chat" if asked.messages else "complete",
+                    core.name,
+                    "allowed",
+                    _outcome(request),
+                )
                 # Prompt + completion tokens, once the call reached the model.
                 if completion is not None or request.timings.admitted is not None:
                     self.quotas.charge(process.id, request.usage.total_tokens)
@@ -481,6 +518,14 @@ class Kernel:
         done = [key for key, value in table.items() if finished(value)]
         for key in done[: len(done) - limit // 2]:
             del table[key]
+
+
+def _outcome(request: Syscall) -> str:
+    """How a syscall ended, for the audit log."""
+    if request.status.finished and request.error is not None:
+        code = request.error.code if isinstance(request.error, AIOSError) else "error"
+        return f"failed:{code}"
+    return request.status.value if request.status.finished else "abandoned"
 
 
 async def _progress(request: LLMRequest, changed: asyncio.Event | None, deadline: float) -> bool:

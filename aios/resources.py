@@ -53,6 +53,7 @@ class ResourceCall(Syscall):
         self.op = op
         self.job = Job()
         self.work: asyncio.Future[Any] | None = None  # the manager's work (see Kernel.submit)
+        self.resource = ""  # what it touches, for the audit log (see target)
 
 
 class Resources:
@@ -148,6 +149,22 @@ class Resources:
         if kind == "storage" and name == "write":
             bound.arguments["content"] = content(bound.arguments.get("content"))
         return jsonable(await fn(who, *bound.args, job=job, **bound.kwargs))
+
+
+def target(kind: str, op: str, args: dict[str, Any]) -> str:
+    """What a memory, storage or tool call touches, for the audit log (never content)."""
+    if not isinstance(args, dict):
+        return ""
+    if kind == "tools":
+        return str(args.get("name", ""))[:100]
+    owner = args.get("owner")
+    place = args.get("path", args.get("src", ""))
+    if "dst" in args:
+        place = f"{place} -> {args['dst']}"
+    if kind == "memory":
+        place = args.get("id", "")
+    text = str(place)[:200]
+    return f"{owner}:{text}" if owner else text
 
 
 def _tail(signature: inspect.Signature) -> inspect.Signature:

@@ -12,6 +12,11 @@ from aios.storage.db import Conn
 
 MIGRATION_LOCK = 0x41494F53  # "AIOS"
 
+_AUDIT = """CREATE TABLE audit (
+    seq BIGINT PRIMARY KEY, at {real} NOT NULL, principal TEXT NOT NULL, process TEXT NOT NULL,
+    kind TEXT NOT NULL, op TEXT NOT NULL, resource TEXT NOT NULL, decision TEXT NOT NULL,
+    outcome TEXT NOT NULL, detail TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL)"""
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -105,6 +110,12 @@ MIGRATIONS: tuple[Migration, ...] = (
                 owner TEXT NOT NULL, n BIGINT NOT NULL, role TEXT NOT NULL,
                 content TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, PRIMARY KEY (owner, n))""",
         ),
+    ),
+    Migration(
+        3,
+        "audit: the hash-chained log of every syscall",
+        sqlite=(_AUDIT.format(real="REAL"),),
+        postgres=(_AUDIT.format(real="DOUBLE PRECISION"),),
     ),
 )
 

@@ -1,0 +1,146 @@
+"""The audit log: every syscall's principal, resource, decision and outcome, appended to a
+hash-chained table in the kernel's database.
+
+Record n stores ``hash = SHA-256(hash of record n-1 + the record's canonical JSON)``, so editing
+a record, removing one or reordering them breaks the chain at that point, and
+:func:`verify` (``aios audit verify``) names the first record that does not check. Removing the
+newest records leaves a shorter valid chain: compare the head hash :func:`verify` reports with
+one kept elsewhere (``--head``) to detect that too.
+
+Records are appended by one writer task in batches (each batch one transaction), so auditing
+adds no database round trip to a syscall; a crash can lose the records of the last moments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from aios.storage.db import Conn, Database
+
+log = logging.getLogger("aios.audit")
+GENESIS = "0" * 64
+FIELDS = ("at", "principal", "process", "kind", "op", "resource", "decision", "outcome", "detail")
+
+
+@dataclass(frozen=True)
+class Record:
+    at: float
+    principal: str
+    process: str
+    kind: str  # llm, memory, storage, tools
+    op: str
+    resource: str  # what it touched: a model, a path, a tool, a note
+    decision: str  # allowed, denied, approved, rejected
+    outcome: str  # done, failed:<code>, cancelled
+    detail: str = ""
+
+    def canonical(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+def chain(prev: str, record: Record) -> str:
+    return hashlib.sha256((prev + record.canonical()).encode()).hexdigest()
+
+
+def append(conn: Conn, records: list[Record]) -> str:
+    """Append ``records`` in one transaction; the new head hash."""
+    with conn.transaction():
+        conn.lock("audit")
+        row = conn.one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        seq, prev = (int(row[0]), row[1]) if row else (0, GENESIS)
+        for record in records:
+            seq += 1
+            digest = chain(prev, record)
+            conn.run(
+                f"INSERT INTO audit (seq, {', '.join(FIELDS)}, prev, hash) "
+                f"VALUES (?, {', '.join('?' for _ in FIELDS)}, ?, ?)",
+                (seq, *(getattr(record, f) for f in FIELDS), prev, digest),
+            )
+            prev = digest
+        return prev
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    records: int
+    head: str
+    problem: str = ""  # what is wrong, at which record
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verify(conn: Conn, head: str | None = None) -> Verdict:
+    """Recompute the chain from the first record; the first break, if any."""
+    prev, expected_seq, count = GENESIS, 1, 0
+    for row in conn.all(f"SELECT seq, {', '.join(FIELDS)}, prev, hash FROM audit ORDER BY seq"):
+        seq, values, stored_prev, stored = int(row[0]), row[1:-2], row[-2], row[-1]
+        record = Record(*values)
+        if seq != expected_seq:
+            return Verdict(False, count, prev, f"record {expected_seq} is missing (next is {seq})")
+        if stored_prev != prev:
+            return Verdict(False, count, prev, f"record {seq} does not follow record {seq - 1}")
+        if chain(prev, record) != stored:
+            return Verdict(False, count, prev, f"record {seq} was altered")
+        prev, expected_seq, count = stored, seq + 1, count + 1
+    if head is not None and head != prev:
+        return Verdict(False, count, prev, "the head differs from the expected one: records "
+                                           "were removed from the end (or added)")  # fmt: skip
+    return Verdict(True, count, prev)
+
+
+class AuditLog:
+    """The kernel's writer: ``record`` never blocks a syscall; a task appends in batches."""
+
+    def __init__(self, db: Database, max_batch: int = 512) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[Record] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.head = GENESIS
+        self.written = 0
+        self.lost = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._write(), name="audit")
+
+    def record(self, record: Record) -> None:
+        self._queue.put_nowait(record)
+
+    async def _write(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < self.max_batch:
+                batch.append(self._queue.get_nowait())
+            try:
+                self.head = await self.db.run(functools.partial(append, records=batch))
+                self.written += len(batch)
+            except Exception as e:  # the log must not take syscalls down with it
+                self.lost += len(batch)
+                log.error("audit: could not append %d records: %s", len(batch), e)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def flush(self) -> None:
+        """Return once everything recorded so far is written."""
+        await self._queue.join()
+
+    async def close(self) -> None:
+        """Write what is queued, then stop the writer."""
+        if self._task is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._queue.join(), timeout=10.0)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
