@@ -812,5 +812,70 @@ def audit_tail(
     console.print(table)
 
 
+# -- approvals ----------------------------------------------------------------------------------
+approve_app = typer.Typer(
+    help="Calls waiting for a person's approval (needs the admin token).", no_args_is_help=True
+)
+app.add_typer(approve_app, name="approve")
+
+
+def _admin_call(
+    method: str, path: str, url: str | None, token: str | None, config: str | None
+) -> Any:
+    from aios.sdk.http import Client
+
+    try:
+        with Client(_url(url, config), _token(token, config), retries=1) as client:
+            return client.request(method, path)
+    except AIOSError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+
+
+@approve_app.command("list")
+def approve_list(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt = None) -> None:
+    """The calls waiting for approval.
+
+    Example: aios approve list
+    """
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "AGENT", "PROCESS", "CAPABILITY", "WHY", "WAITING s"):
+        table.add_column(col)
+    for p in _admin_call("GET", "/api/v1/approvals", url, token, config):
+        table.add_row(p["id"], p["principal"], p["process"], p["capability"], p["reason"],
+                      f"{p['age_s']:.0f}")  # fmt: skip
+    console.print(table)
+
+
+@approve_app.command("allow")
+def approve_allow(
+    approval_id: Annotated[str, typer.Argument(help="The id (see aios approve list).")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Let a waiting call run.
+
+    Example: aios approve allow ap-3
+    """
+    decided = _admin_call("POST", f"/api/v1/approvals/{approval_id}/allow", url, token, config)
+    err.print(f"{decided['id']}: allowed {decided['capability']}")
+
+
+@approve_app.command("deny")
+def approve_deny(
+    approval_id: Annotated[str, typer.Argument(help="The id (see aios approve list).")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Refuse a waiting call (its agent gets PermissionDenied).
+
+    Example: aios approve deny ap-3
+    """
+    decided = _admin_call("POST", f"/api/v1/approvals/{approval_id}/deny", url, token, config)
+    err.print(f"{decided['id']}: denied {decided['capability']}")
+
+
 def main() -> None:
     app()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aios.errors import ConfigError
@@ -251,6 +252,33 @@ def _bad_int(value: object, low: int) -> bool:
     return isinstance(value, bool) or not isinstance(value, int) or value < low
 
 
+def _default_groups() -> dict[str, tuple[str, ...]]:
+    return {
+        "default": ("llm.*", "memory.*", "storage.*", "tools.list", "tools.call:*"),
+        "admin": ("*",),
+    }
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """Which groups may do what, and what needs a person's approval."""
+
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=_default_groups)
+    approve: tuple[str, ...] = ()  # capability patterns that need approval
+    approve_destructive_tools: bool = True
+    approve_shared_writes: bool = True  # changes to another agent's files
+    approval_timeout: float = 300.0  # at most this long in the queue (and the call's deadline)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.groups, Mapping) or "default" not in self.groups:
+            raise ConfigError("access.groups must be a table with a 'default' group")
+        for group, patterns in self.groups.items():
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise ConfigError(f"access.groups.{group} must be a list of capability patterns")
+        if not self.approval_timeout > 0:
+            raise ConfigError("access.approval_timeout must be > 0 seconds")
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """The kernel: its LLM cores, the scheduling policy (and its parameters), the default
@@ -264,6 +292,7 @@ class KernelConfig:
     quota: Quota = field(default_factory=Quota)  # per agent; default: no limits
     storage: StorageConfig = field(default_factory=StorageConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def __post_init__(self) -> None:
         if not self.cores:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import AsyncExitStack, aclosing
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from aios.access import WRITES, Access, Decision, capability
 from aios.audit import AuditLog, Record
 from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig, RouterConfig
 from aios.errors import (
@@ -26,6 +28,7 @@ from aios.errors import (
     InvalidRequest,
     KernelShutdown,
     ModelNotFound,
+    PermissionDenied,
     SyscallCancelled,
 )
 from aios.llm.base import Core
@@ -37,6 +40,7 @@ from aios.process import AgentProcess
 from aios.quota import Quotas
 from aios.resources import ResourceCall, Resources, target
 from aios.scheduler import make_policy
+from aios.storage.files import Principal
 from aios.syscall import Completion, LLMCall, LLMRequest, MemoryUse, Message, Syscall
 from aios.tools.registry import ToolRegistry
 
@@ -79,6 +83,7 @@ class Kernel:
         # ``config.storage.database`` names one).
         self.resources = Resources(self.config.storage, self.config.memory, tools)
         self.audit = AuditLog(self.resources.db)  # every syscall, hash-chained
+        self.access = Access(self.config.access)  # capabilities and approvals
         self._background: set[asyncio.Future[Any]] = set()
 
     # -- lifespan --------------------------------------------------------------------------
@@ -269,17 +274,23 @@ class Kernel:
         """Queue a memory or storage syscall on the database's workers (see :meth:`settle`).
         An unknown kind or operation raises at once (NotFound); nothing is queued."""
         budget = self._budget(timeout)
+        who = process.principal
         try:
             self.resources.op(kind, op)
+            decision, reason = self._decide(who, kind, op, args)
         except AIOSError as e:
             self._audit(process, kind, op, target(kind, op, args), "rejected", e.code)
             raise
+        if decision == "denied":
+            self._audit(process, kind, op, target(kind, op, args), "denied", "permission_denied")
+            raise PermissionDenied(f"{kind}.{op} is not allowed: {reason}")
         request = ResourceCall(process.id, self.clock(), kind, op)
         request.resource = target(kind, op, args)
         request.job.deadline = time.monotonic() + budget
-        request.work = asyncio.ensure_future(
-            self.resources.call(process.principal, kind, op, args, request.job)
-        )
+        work = self.resources.call(who, kind, op, args, request.job)
+        if decision == "approve":
+            work = self._approved(process, request, reason, work, args)
+        request.work = asyncio.ensure_future(work)
         self._background.add(request.work)
         request.work.add_done_callback(self._settled)
         self._track(process, request)
@@ -318,8 +329,76 @@ class Kernel:
         finally:
             process.account(request, None)
             self._audit(
-                process, request.kind, request.op, request.resource, "allowed", _outcome(request)
+                process,
+                request.kind,
+                request.op,
+                request.resource,
+                request.decision,
+                _outcome(request),
             )
+
+    def _decide(
+        self, who: Principal, kind: str, op: str, args: dict[str, Any]
+    ) -> tuple[Decision, str]:
+        """The access manager's decision for a memory, storage or tool call."""
+        destructive = shared_write = False
+        resource = ""
+        if kind == "tools" and op == "call":
+            resource = str(args.get("name", ""))
+            if resource in self.resources.tools.registry:
+                spec = self.resources.tools.registry.get(resource)
+                destructive = spec.annotations.destructive
+        elif kind == "storage":
+            owner = args.get("owner")
+            resource = str(args.get("path", args.get("src", "")))
+            if owner is not None and owner != who.name:
+                resource = f"@{owner}/{resource}"
+                shared_write = op in WRITES
+        cap = capability(kind, op, resource)
+        return self.access.decide(who, cap, destructive=destructive, shared_write=shared_write)
+
+    async def _approved(
+        self,
+        process: AgentProcess,
+        request: ResourceCall,
+        reason: str,
+        work: Coroutine[Any, Any, Any],
+        args: dict[str, Any],
+    ) -> Any:
+        """Wait for a person to allow the call (until its deadline: then it is denied). A
+        change to another agent's files is first checked against its shares: a person is
+        asked only about what the shares would allow."""
+        cap = f"{request.kind}.{request.op}:{request.resource}"
+        who = process.principal
+        if request.kind == "storage" and "owner" in args:
+            files, owner = self.resources.files, args["owner"]
+            places: list[Any] = [args[k] for k in ("path", "src", "dst") if k in args]
+            try:
+                for place in places:
+                    check = functools.partial(files.writable, who=who, owner=owner, path=place)
+                    await self.resources.db.run(check, request.job)
+            except BaseException:
+                work.close()
+                raise
+        pending = self.access.ask(who, process.id, cap, reason)
+        deadline = request.job.deadline or time.monotonic()
+        limit = min(self.access.config.approval_timeout, deadline - time.monotonic())
+        allowed = False
+        try:
+            async with asyncio.timeout(max(0.0, limit)):
+                allowed = await asyncio.shield(pending.decided)
+        except TimeoutError:
+            reason = f"no one approved it within {limit:.3g}s ({reason})"
+        finally:
+            if not pending.decided.done():  # timed out, or the caller left: no longer pending
+                pending.decided.set_result(False)
+            if not allowed:
+                work.close()  # it never starts
+        if not allowed:
+            request.decision = "rejected"
+            raise PermissionDenied(f"{cap} needs approval and was denied: {reason}")
+        request.decision = "approved"
+        return await work
 
     def _audit(
         self, process: AgentProcess, kind: str, op: str, resource: str, decision: str, outcome: str
@@ -387,6 +466,11 @@ class Kernel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         core = self.core_for(call.model)
+        op = "chat" if call.messages else "complete"
+        decision, reason = self.access.decide(process.principal, capability("llm", op, core.name))
+        if decision == "denied":  # (approval patterns apply to memory, storage and tool calls)
+            self._audit(process, "llm", op, core.name, "denied", "permission_denied")
+            raise PermissionDenied(f"llm.{op} is not allowed: {reason}")
         fitted: Fitted | None = None
         asked = call
         if memory is not None and memory.fits:
@@ -442,7 +526,7 @@ class Kernel:
                 self._audit(
                     process,
                     "llm",
-                    "chat" if asked.messages else "complete",
+                    op,
                     core.name,
                     "allowed",
                     _outcome(request),

@@ -54,6 +54,7 @@ class ResourceCall(Syscall):
         self.job = Job()
         self.work: asyncio.Future[Any] | None = None  # the manager's work (see Kernel.submit)
         self.resource = ""  # what it touches, for the audit log (see target)
+        self.decision = "allowed"  # the access manager's: allowed, approved, rejected
 
 
 class Resources:

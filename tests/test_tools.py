@@ -50,7 +50,7 @@ def test_registry_renders_openai_tools_and_rejects_bad_ones() -> None:
     assert params["properties"]["expression"]["type"] == "string"
     assert params["additionalProperties"] is False
     listed = {t["name"]: t for t in ToolManager(registry).list()}
-    assert listed["write_file"]["annotations"]["destructiveHint"] is True
+    assert listed["write_file"]["annotations"]["destructiveHint"] is False  # versioned
     assert listed["read_file"]["annotations"]["readOnlyHint"] is True
     assert "ctx" not in listed["read_file"]["parameters"]["properties"]  # injected, not asked
     with pytest.raises(ConfigError, match="already"):

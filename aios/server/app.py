@@ -177,7 +177,7 @@ class Server:
         """The caller's process, under its in-flight limit; its groups as the credential
         says now."""
         process = self.kernel.session(identity.name)
-        process.groups = frozenset(identity.groups)
+        process.groups = frozenset(identity.groups) | ({"admin"} if identity.admin else set())
         if len(process.inflight) >= self.config.max_inflight_per_agent:
             raise Overloaded(
                 f"agent {identity.name!r} has {len(process.inflight)} syscalls in flight "
@@ -475,6 +475,23 @@ def create_app(
     )
     async def tools_op(op: str, identity: Caller, request: Request) -> Response:
         return await resource("tools", op, identity, request)
+
+    @app.get("/api/v1/approvals", tags=["access"], summary="Calls waiting for approval (admin)")
+    async def list_approvals(identity: Caller) -> Response:
+        server.require_admin(identity)
+        return JSONResponse([p.to_json() for p in kernel.access.pending.values()])
+
+    @app.post(
+        "/api/v1/approvals/{approval_id}/{verdict}",
+        tags=["access"],
+        summary="Allow or deny a waiting call (admin); verdict is allow or deny",
+    )
+    async def decide_approval(approval_id: str, verdict: str, identity: Caller) -> Response:
+        server.require_admin(identity)
+        if verdict not in ("allow", "deny"):
+            raise NotFound("the verdict is 'allow' or 'deny'")
+        pending = kernel.access.resolve(approval_id, verdict == "allow")
+        return JSONResponse({**pending.to_json(), "verdict": verdict})
 
     def find_syscall(identity: Identity, syscall_id: str) -> tuple[Syscall, AgentProcess]:
         found = kernel.syscall(syscall_id)

@@ -17,6 +17,11 @@
     max_bytes = 1073741824    # per agent
     [kernel.memory]
     ram_bytes = 67108864      # the RAM tier of all agents' memory (LRU-K eviction)
+    [kernel.access]           # capabilities: deny by default; every agent is in "default"
+    approve = ["storage.delete:*"]          # these wait for `aios approve allow ID`
+    [kernel.access.groups]
+    default = ["llm.*", "memory.*", "storage.*", "tools.list", "tools.call:*"]
+    analysts = ["tools.call:python"]
 
     [[core]]                  # embedded (the default: SmolLM2; AIOS_MODEL sets its model)
     name = "default"
@@ -45,6 +50,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aios.config import (
+    AccessConfig,
     CoreConfig,
     KernelConfig,
     MemoryConfig,
@@ -152,6 +158,14 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     for name, cls in (("quota", Quota), ("storage", StorageConfig), ("memory", MemoryConfig)):
         tables[name] = _build(cls, _table(kernel, name), f"kernel.{name}")
         kernel.pop(name, None)
+    access: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in _table(kernel, "access").items()
+    }
+    groups = access.get("groups")
+    if isinstance(groups, dict):
+        access["groups"] = {g: tuple(p) if isinstance(p, list) else p for g, p in groups.items()}
+    tables["access"] = _build(AccessConfig, access, "kernel.access")
+    kernel.pop("access", None)
     server_config = _build(ServerConfig, server, "server")
     if not tables["storage"].database:  # memory and storage live in the data directory
         database = str(server_config.data_path / "aios.db")

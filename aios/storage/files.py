@@ -127,6 +127,11 @@ class Files:
         if need == "rw" and mode != "rw":
             raise PermissionDenied(f"{_where(who, owner, path)} is shared with you read-only")
 
+    def writable(self, conn: Conn, who: Principal, owner: str | None, path: str) -> None:
+        """Raise as a write of ``who`` to ``owner``'s ``path`` would (NotFound or
+        PermissionDenied) if its shares do not allow it."""
+        self._check(conn, who, self._owner(who, owner), normalize(path), "rw")
+
     def _get(self, conn: Conn, owner: str, path: str) -> Stat | None:
         row = conn.one(f"SELECT {_STAT} FROM files WHERE owner = ? AND path = ?", (owner, path))
         return None if row is None else _stat(row)

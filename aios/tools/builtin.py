@@ -160,7 +160,7 @@ def builtin_tools() -> list[ToolSpec]:
         tool(concurrency=64, timeout=2.0, read_only=True)(calculator),
         tool(concurrency=64, timeout=1.0, read_only=True)(current_time),
         tool(read_only=True, timeout=10.0)(read_file),
-        tool(destructive=True, timeout=10.0)(write_file),
+        tool(timeout=10.0)(write_file),  # not destructive: the old version stays in history
         tool(read_only=True, timeout=10.0)(list_files),
         tool(timeout=10.0)(remember),
         tool(read_only=True, timeout=10.0)(recall),
