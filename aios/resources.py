@@ -199,7 +199,10 @@ def content(value: Any) -> bytes:
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     if isinstance(value, str):
-        return value.encode()
+        try:
+            return value.encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest("content is not valid Unicode (a lone surrogate)") from None
     if isinstance(value, dict) and set(value) == {"base64"} and isinstance(value["base64"], str):
         import base64
         import binascii

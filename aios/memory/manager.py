@@ -21,6 +21,7 @@ from aios.errors import InvalidRequest
 from aios.memory.lruk import LRUK
 from aios.memory.notes import Note, Notes, Scalar, Turn, check_metadata, check_text
 from aios.storage.db import Conn, Database, Job
+from aios.storage.paths import check_text as valid_text
 from aios.syscall import ROLES
 
 BlockKey = tuple[str, str, int]  # (kind "note" | "turns", owner, note id | chunk number)
@@ -55,6 +56,10 @@ class MemoryManager:
         self._agent_bytes: dict[str, int] = {}
         self._lengths: dict[str, int] = {}  # history length per agent, once known
         self._tick = 0
+        # Write generations, per agent: a read that started before a write (or delete) of
+        # the same agent's notes, or of its history, must not make what it read resident.
+        self._notes_gen: dict[str, int] = {}
+        self._history_gen: dict[str, int] = {}
 
     # -- the resident tier ------------------------------------------------------------------
     def resident(self, owner: str | None = None) -> int:
@@ -139,9 +144,10 @@ class MemoryManager:
         if note is not None:
             return note
         self.stats.faults += 1
+        generation = self._notes_gen.get(owner, 0)
         note = await self._run(lambda c: self.notes.get(c, owner, id), job)
-        if key not in self._blocks:  # a write meanwhile already made its own copy resident
-            self._admit(key, note, note.size)
+        if self._notes_gen.get(owner, 0) == generation and key not in self._blocks:
+            self._admit(key, note, note.size)  # (no write or delete meanwhile)
         return note
 
     async def update(
@@ -158,15 +164,28 @@ class MemoryManager:
             raise InvalidRequest("give 'text', 'metadata' or both to update a note")
         text = None if text is None else check_text(text)
         meta = None if metadata is None else check_metadata(metadata)
+        key = ("note", owner, id)
+        mine = self._bump(self._notes_gen, owner)
+        self._drop(key)
         note: Note = await self._run(lambda c: self.notes.update(c, owner, id, text, meta), job)
-        self._admit(("note", owner, id), note, note.size)
+        if self._notes_gen[owner] == mine:  # no later write or delete: this is the newest
+            self._admit(key, note, note.size)
         return note
 
     async def delete(self, owner: str, id: int, *, job: Job | None = None) -> bool:
-        _id(id)
-        self._drop(("note", owner, id))
-        await self._run(lambda c: self.notes.delete(c, owner, id), job)
+        key = ("note", owner, _id(id))
+        self._bump(self._notes_gen, owner)
+        self._drop(key)
+        try:
+            await self._run(lambda c: self.notes.delete(c, owner, id), job)
+        finally:
+            self._drop(key)
         return True
+
+    @staticmethod
+    def _bump(generations: dict[str, int], owner: str) -> int:
+        generations[owner] = generations.get(owner, 0) + 1
+        return generations[owner]
 
     async def list_notes(
         self,
@@ -210,10 +229,14 @@ class MemoryManager:
                 or not isinstance(turn[1], str)
             ):
                 raise InvalidRequest(f"a turn is [role, content] with role in {sorted(ROLES)}")
-            checked.append((str(turn[0]), str(turn[1])))
+            checked.append((str(turn[0]), valid_text(str(turn[1]), "a turn's content")))
         if not checked:
             return []
+        mine = self._bump(self._history_gen, owner)
         added: list[Turn] = await self._run(lambda c: self.notes.append(c, owner, checked), job)
+        if self._history_gen[owner] != mine:  # a forget or another append meanwhile
+            self._drop_history(owner)
+            return added
         self._lengths[owner] = added[-1].n + 1
         size = self.config.chunk_turns
         for new in added:  # extend resident chunks in place; start the chunk a turn opens
@@ -230,10 +253,12 @@ class MemoryManager:
     async def history(self, owner: str, limit: int = 50, *, job: Job | None = None) -> list[Turn]:
         """The agent's most recent ``limit`` turns, oldest first."""
         limit = _limit(limit)
+        generation = self._history_gen.get(owner, 0)
         length = self._lengths.get(owner)
         if length is None:
             length = await self._run(lambda c: self.notes.length(c, owner), job)
-            self._lengths[owner] = length
+            if self._history_gen.get(owner, 0) == generation:
+                self._lengths[owner] = length
         start = max(0, length - limit)
         size = self.config.chunk_turns
         chunks = range(start // size, (length + size - 1) // size)
@@ -252,26 +277,33 @@ class MemoryManager:
             for c in missing:
                 block = [t for t in loaded if t.n // size == c]
                 have[c] = block
-                if block and ("turns", owner, c) not in self._blocks:
+                fresh = self._history_gen.get(owner, 0) == generation
+                if block and fresh and ("turns", owner, c) not in self._blocks:
                     self._admit(("turns", owner, c), block, sum(map(_turn_size, block)))
         turns = [t for c in chunks for t in have[c]]
         return [t for t in turns if t.n >= start]
 
     async def forget(self, owner: str, *, job: Job | None = None) -> int:
         """Clear the agent's conversation history; how many turns were dropped."""
+        self._bump(self._history_gen, owner)
+        self._drop_history(owner)
+        try:
+            dropped: int = await self._run(lambda c: self.notes.clear(c, owner), job)
+        finally:
+            self._drop_history(owner)
+        return dropped
+
+    def _drop_history(self, owner: str) -> None:
         for key in [k for k in self._blocks if k[0] == "turns" and k[1] == owner]:
             self._drop(key)
         self._lengths.pop(owner, None)
-        dropped: int = await self._run(lambda c: self.notes.clear(c, owner), job)
-        return dropped
 
     async def usage(self, owner: str, *, job: Job | None = None) -> dict[str, Any]:
         notes = await self._run(lambda c: self.notes.count(c, owner), job)
-        return {
+        return {  # the agent's own figures only (kernel-wide stats would leak others')
             "notes": notes,
             "resident_bytes": self.resident(owner),
             "agent_ram_bytes": self.config.agent_ram_bytes,
-            "kernel": self.stats.to_json(),
         }
 
 
@@ -280,7 +312,7 @@ def _turn_size(turn: Turn) -> int:
 
 
 def _id(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise InvalidRequest(f"a note id must be an integer, got {value!r}")
     return value
 

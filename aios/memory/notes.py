@@ -5,6 +5,7 @@ function is scoped by ``owner``: there is no query that reaches another agent's 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 from aios.errors import InvalidRequest, NotFound
 from aios.storage.db import Conn
+from aios.storage.paths import check_text as valid_text
 from aios.storage.text import fts5_match, terms, tsquery
 
 MAX_NOTE_BYTES = 256 << 10
@@ -58,6 +60,7 @@ def _note(row: tuple[Any, ...]) -> Note:
 def check_text(text: Any) -> str:
     if not isinstance(text, str) or not text.strip():
         raise InvalidRequest("a note's text must be a non-empty string")
+    valid_text(text, "a note's text")
     if len(text.encode()) > MAX_NOTE_BYTES:
         raise InvalidRequest(f"a note's text may hold at most {MAX_NOTE_BYTES} bytes")
     return text
@@ -76,6 +79,12 @@ def check_metadata(metadata: Any) -> dict[str, Scalar]:
             raise InvalidRequest(
                 f"metadata value of {key!r} must be a string, number, boolean or null"
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest(f"metadata value of {key!r} must be a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+            raise InvalidRequest(f"metadata value of {key!r} is too large (|n| <= 2**53)")
+        if isinstance(value, str):
+            valid_text(value, f"metadata value of {key!r}")
     if len(json.dumps(metadata)) > 16 << 10:
         raise InvalidRequest("metadata may hold at most 16 KiB")
     return dict(metadata)
@@ -117,7 +126,7 @@ class Notes:
         row = conn.one(
             "INSERT INTO notes (owner, text, metadata, created, updated) VALUES (?, ?, ?, ?, ?) "
             f"RETURNING {_NOTE}",
-            (owner, text, json.dumps(metadata), now, now),
+            (owner, text, json.dumps(metadata, allow_nan=False), now, now),
         )
         assert row is not None
         return _note(row)
@@ -143,7 +152,7 @@ class Notes:
                 f"RETURNING {_NOTE}",
                 (
                     old.text if text is None else text,
-                    json.dumps(old.metadata if metadata is None else metadata),
+                    json.dumps(old.metadata if metadata is None else metadata, allow_nan=False),
                     self.clock(),
                     owner,
                     note_id,

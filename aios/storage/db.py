@@ -176,7 +176,11 @@ class Database:
         conn = self._connect()
         from aios.storage.schema import migrate
 
-        migrate(conn)
+        try:
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _connect(self) -> Conn:
@@ -188,6 +192,7 @@ class Database:
             raw.execute("PRAGMA journal_mode=WAL")
             raw.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             raw.execute("PRAGMA foreign_keys=ON")
+            raw.execute("PRAGMA case_sensitive_like=ON")  # 'PUB/%' must not match 'pub/x'
             return Conn(raw, "sqlite")
         try:
             import psycopg

@@ -14,6 +14,7 @@ exist: an agent cannot even learn that they are there.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from aios.storage.text import fts5_match, terms, tsquery
 Mode = Literal["r", "rw"]
 WriteMode = Literal["overwrite", "create", "append"]
 INDEX_BYTES = 1 << 20  # text files up to this size are indexed for search
+INDEX_CHARS_POSTGRES = 200_000  # PostgreSQL indexes a prefix (a tsvector holds at most 1 MB)
+MAX_INT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -564,7 +567,7 @@ class Files:
         if conn.dialect == "postgres":
             conn.run(
                 "UPDATE files SET body = to_tsvector('english', ?) WHERE owner = ? AND path = ?",
-                (text or "", owner, path),
+                ((text or "")[:INDEX_CHARS_POSTGRES], owner, path),
             )
             return
         rowid = conn.scalar("SELECT rowid FROM files WHERE owner = ? AND path = ?", (owner, path))
@@ -586,9 +589,10 @@ def _text(data: bytes) -> str | None:
     if len(data) > INDEX_BYTES:
         return None
     try:
-        return data.decode()
+        text = data.decode()
     except UnicodeDecodeError:
         return None
+    return None if "\x00" in text else text  # NUL: binary, whatever else it decodes to
 
 
 def _marks(values: list[str]) -> str:
@@ -608,8 +612,8 @@ def _grantee(grantee: str) -> str:
 
 
 def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not -MAX_INT <= value <= MAX_INT:
+        raise InvalidRequest(f"{name} must be a 64-bit integer, got {value!r}")
     return value
 
 
@@ -620,6 +624,6 @@ def _positive(value: Any, name: str) -> int:
 
 
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
     return float(value)

@@ -23,6 +23,7 @@ def normalize(path: str) -> str:
         raise InvalidRequest(f"a path must be a string, got {type(path).__name__}")
     if path in ("", ".", "/"):
         return ""
+    check_text(path, "a path")
     if path.startswith("/"):
         raise InvalidRequest(
             f"absolute paths are not allowed ({path!r}); paths are relative to your root"
@@ -73,3 +74,14 @@ def like_prefix(folder: str) -> str:
     """A SQL LIKE pattern (with ``\\`` as ESCAPE) for the paths strictly inside ``folder``."""
     escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"{escaped}/%" if folder else "%"
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` if it can be stored (valid Unicode, no NUL), else InvalidRequest."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{what} is not valid Unicode (a lone surrogate)") from None
+    if "\x00" in text:
+        raise InvalidRequest(f"{what} contains a NUL character")
+    return text
