@@ -46,9 +46,11 @@ for target in ({str(outside)!r}, "/etc/aios-evil", "/usr/aios-evil", {str(Path.c
     assert result["exit_code"] == 0, result
     lines = str(result["stdout"]).splitlines()
     assert lines[0] == "['mine.txt']"
-    # EROFS (30): the system is read-only; ENOENT (2): the host's /tmp is not even visible
-    assert len(lines) == 5 and all(line in ("denied 2", "denied 30") for line in lines[1:])
-    assert lines[2:] == ["denied 30"] * 3
+    # /etc and /usr: EROFS (30), the system is read-only. The host's tmp_path and checkout:
+    # under /tmp they are not even visible (the sandbox has its own /tmp, so a write there
+    # lands in that private tmpfs); elsewhere they are read-only. Either way, nothing changes
+    # outside the sandbox:
+    assert lines[2:4] == ["denied 30", "denied 30"]
     assert not outside.exists() and not (Path.cwd() / "evil").exists()
 
 

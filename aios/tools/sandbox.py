@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from aios.errors import ToolError
@@ -102,8 +103,15 @@ class Sandbox:
 
 
 def _bwrap_prefix(workspace: str) -> list[str]:
+    # /tmp is private (a fresh tmpfs); the interpreter stays visible (read-only) if it lives
+    # there (a virtual environment in a temporary checkout).
+    keep = sorted(
+        {p for p in (sys.prefix, sys.base_prefix) if Path(p).resolve().is_relative_to("/tmp")}
+    )
+    exposed = [arg for p in keep for arg in ("--ro-bind", p, p)]
     return [
         "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+        *exposed,
         "--bind", workspace, WORKSPACE, "--unshare-all", "--die-with-parent", "--new-session",
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", WORKSPACE,
         "--chdir", WORKSPACE, "--",
