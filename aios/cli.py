@@ -877,5 +877,29 @@ def approve_deny(
     err.print(f"{decided['id']}: denied {decided['capability']}")
 
 
+# -- MCP -----------------------------------------------------------------------------------------
+mcp_app = typer.Typer(help="MCP: aios' tools for MCP clients.", no_args_is_help=True)
+app.add_typer(mcp_app, name="mcp")
+
+
+@mcp_app.command("serve")
+def mcp_serve(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt = None) -> None:
+    """Serve a running kernel's tools to an MCP client over stdio, as the agent of --token
+    (the kernel's access checks apply to that agent). Configure it as an MCP server command.
+
+    Example: aios mcp serve --url http://127.0.0.1:8080 --token aios_...
+    """
+    try:
+        from aios.tools.mcp import serve as serve_mcp
+    except ImportError:
+        err.print("[red]error:[/red] needs the mcp package: pip install 'aios[mcp]'")
+        raise typer.Exit(2) from None
+    asyncio.run(serve_mcp(_url(url, config), _token(token, config)))
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -280,6 +280,24 @@ class AccessConfig:
 
 
 @dataclass(frozen=True)
+class McpServerConfig:
+    """An MCP server whose tools the kernel offers (started with the kernel, over stdio)."""
+
+    name: str
+    command: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    concurrency: int = 4
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_core_name(self.name.replace("__", "-"))
+        if not self.command or not all(isinstance(c, str) and c for c in self.command):
+            raise ConfigError(f"mcp server {self.name!r}: command must be a non-empty list")
+        if _bad_int(self.concurrency, 1) or not self.timeout > 0:
+            raise ConfigError(f"mcp server {self.name!r}: concurrency >= 1 and timeout > 0")
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     """The kernel: its LLM cores, the scheduling policy (and its parameters), the default
     syscall deadline and the per-agent quota."""
@@ -293,6 +311,7 @@ class KernelConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    mcp: tuple[McpServerConfig, ...] = ()  # MCP servers whose tools the kernel offers
 
     def __post_init__(self) -> None:
         if not self.cores:

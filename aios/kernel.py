@@ -84,12 +84,24 @@ class Kernel:
         self.resources = Resources(self.config.storage, self.config.memory, tools)
         self.audit = AuditLog(self.resources.db)  # every syscall, hash-chained
         self.access = Access(self.config.access)  # capabilities and approvals
+        self._mcp: AsyncExitStack | None = None  # the MCP servers' sessions
         self._background: set[asyncio.Future[Any]] = set()
 
     # -- lifespan --------------------------------------------------------------------------
     async def __aenter__(self) -> Kernel:
         await self.resources.start()
         self.audit.start()
+        if self.config.mcp:  # MCP servers' tools join the registry (stopped at exit)
+            from aios.tools.mcp import connect
+
+            self._mcp = AsyncExitStack()
+            try:
+                await connect(self.config.mcp, self.resources.tools.registry, self._mcp)
+            except BaseException:
+                await self._mcp.aclose()
+                await self.audit.close()
+                await self.resources.close()
+                raise
         try:
             for cfg in self.config.cores:  # load every model before anything runs
                 if isinstance(cfg, RouterConfig):
@@ -103,6 +115,8 @@ class Kernel:
                     self.cores[cfg.name] = Router(cfg, members, self.clock)
         except BaseException:
             await self._close_cores()
+            if self._mcp is not None:
+                await self._mcp.aclose()
             await self.audit.close()
             await self.resources.close()
             raise
@@ -127,6 +141,8 @@ class Kernel:
         await self._close_cores()
         if tasks is not None:
             await tasks.__aexit__(None, None, None)
+        if self._mcp is not None:
+            await self._mcp.aclose()
         await self.audit.close()
         await self.resources.close()
 

@@ -22,6 +22,9 @@
     [kernel.access.groups]
     default = ["llm.*", "memory.*", "storage.*", "tools.list", "tools.call:*"]
     analysts = ["tools.call:python"]
+    [[kernel.mcp]]            # an MCP server's tools join the kernel's (as fs__read_file...)
+    name = "fs"
+    command = ["npx", "-y", "@modelcontextprotocol/server-filesystem", "/srv/shared"]
 
     [[core]]                  # embedded (the default: SmolLM2; AIOS_MODEL sets its model)
     name = "default"
@@ -53,6 +56,7 @@ from aios.config import (
     AccessConfig,
     CoreConfig,
     KernelConfig,
+    McpServerConfig,
     MemoryConfig,
     RemoteCoreConfig,
     RouterConfig,
@@ -166,6 +170,17 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         access["groups"] = {g: tuple(p) if isinstance(p, list) else p for g, p in groups.items()}
     tables["access"] = _build(AccessConfig, access, "kernel.access")
     kernel.pop("access", None)
+    servers = kernel.pop("mcp", [])
+    if not isinstance(servers, list) or not all(isinstance(t, dict) for t in servers):
+        raise ConfigError("[[kernel.mcp]] must be an array of tables")
+    tables["mcp"] = tuple(
+        _build(
+            McpServerConfig,
+            {k: tuple(v) if k == "command" and isinstance(v, list) else v for k, v in t.items()},
+            f"kernel.mcp #{i + 1}",
+        )
+        for i, t in enumerate(servers)
+    )
     server_config = _build(ServerConfig, server, "server")
     if not tables["storage"].database:  # memory and storage live in the data directory
         database = str(server_config.data_path / "aios.db")

@@ -120,11 +120,14 @@ class ToolManager:
         return result
 
     def _start(
-        self, spec: ToolSpec, params: BaseModel, ctx: ToolContext
+        self, spec: ToolSpec, params: BaseModel | dict[str, Any], ctx: ToolContext
     ) -> tuple[asyncio.Future[Any], Callable[[Callable[[], None]], None]]:
         """Start the tool: the future of its result, and how to run a callback once the tool
         has really ended (for a thread: when the thread returns, not when we stop waiting)."""
-        kwargs = {k: getattr(params, k) for k in type(params).model_fields}
+        if isinstance(params, dict):
+            kwargs = dict(params)
+        else:
+            kwargs = {k: getattr(params, k) for k in type(params).model_fields}
         if spec.context is not None:
             kwargs[spec.context] = ctx
         loop = asyncio.get_running_loop()
@@ -147,10 +150,23 @@ class ToolManager:
             self._threads = None
 
 
-def validate(spec: ToolSpec, arguments: Any) -> BaseModel:
+def validate(spec: ToolSpec, arguments: Any) -> BaseModel | dict[str, Any]:
     """The tool's arguments, checked against its schema; InvalidRequest says what is wrong."""
     if not isinstance(arguments, dict):
         raise InvalidRequest(f"tool {spec.name!r}: arguments must be an object")
+    if spec.params is None:  # a raw JSON Schema (an MCP server's tool)
+        import jsonschema
+
+        try:
+            jsonschema.validate(arguments, spec.schema)
+        except jsonschema.ValidationError as e:
+            where = ".".join(str(x) for x in e.absolute_path) or "arguments"
+            raise InvalidRequest(
+                f"tool {spec.name!r}: invalid arguments: {where}: {e.message}"
+            ) from None
+        except jsonschema.SchemaError:
+            raise ToolError(f"tool {spec.name!r} has an invalid schema") from None
+        return arguments
     try:
         return spec.params.model_validate(arguments)
     except ValidationError as e:

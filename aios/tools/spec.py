@@ -55,13 +55,14 @@ class Annotations:
 class ToolSpec:
     name: str
     description: str
-    params: type[BaseModel]  # the arguments' model (its JSON Schema is the tool's parameters)
+    params: type[BaseModel] | None  # the arguments' model (its JSON Schema is the parameters)
     fn: Callable[..., Any]
     concurrency: int = 4  # calls running at once; more wait their turn (never dropped)
     timeout: float = 30.0  # seconds per call
     annotations: Annotations = field(default_factory=Annotations)
     context: str | None = None  # the name of the ToolContext parameter, if any
     source: str = "builtin"  # builtin, entry point, or mcp:SERVER
+    json_schema: dict[str, Any] | None = None  # instead of ``params`` (tools from MCP servers)
 
     def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name):
@@ -73,6 +74,8 @@ class ToolSpec:
 
     @property
     def schema(self) -> dict[str, Any]:
+        if self.params is None:
+            return dict(self.json_schema or {"type": "object", "properties": {}})
         schema = self.params.model_json_schema()
         schema.pop("title", None)
         return schema
