@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from aios.config import AccessConfig
 from aios.errors import NotFound
+from aios.quota import Quota
 from aios.storage.files import Principal
 
 Decision = Literal["allowed", "denied", "approve"]
@@ -91,6 +92,12 @@ class Access:
             return "approve", "it changes another agent's files"
         group, pattern = granted[0]
         return "allowed", f"{pattern} (group {group})"
+
+    def quota(self, who: Principal, default: Quota) -> Quota:
+        """``who``'s LLM quota: the most generous of its groups' quotas, else ``default``."""
+        quotas = self.config.quotas
+        own = [quotas[g] for g in ("default", *sorted(who.groups)) if g in quotas]
+        return Quota.most_generous(own) if own else default
 
     def ask(self, who: Principal, process: str, cap: str, reason: str) -> Pending:
         """Queue a call for approval; its ``decided`` future resolves True (allow) or False."""

@@ -819,14 +819,14 @@ approve_app = typer.Typer(
 app.add_typer(approve_app, name="approve")
 
 
-def _admin_call(
-    method: str, path: str, url: str | None, token: str | None, config: str | None
+def _api_call(
+    method: str, path: str, url: str | None, token: str | None, config: str | None, **kw: Any
 ) -> Any:
     from aios.sdk.http import Client
 
     try:
         with Client(_url(url, config), _token(token, config), retries=1) as client:
-            return client.request(method, path)
+            return client.request(method, path, **kw)
     except AIOSError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
@@ -841,7 +841,7 @@ def approve_list(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt =
     table = Table(box=None, header_style="bold")
     for col in ("ID", "AGENT", "PROCESS", "CAPABILITY", "WHY", "WAITING s"):
         table.add_column(col)
-    for p in _admin_call("GET", "/api/v1/approvals", url, token, config):
+    for p in _api_call("GET", "/api/v1/approvals", url, token, config):
         table.add_row(p["id"], p["principal"], p["process"], p["capability"], p["reason"],
                       f"{p['age_s']:.0f}")  # fmt: skip
     console.print(table)
@@ -858,7 +858,7 @@ def approve_allow(
 
     Example: aios approve allow ap-3
     """
-    decided = _admin_call("POST", f"/api/v1/approvals/{approval_id}/allow", url, token, config)
+    decided = _api_call("POST", f"/api/v1/approvals/{approval_id}/allow", url, token, config)
     err.print(f"{decided['id']}: allowed {decided['capability']}")
 
 
@@ -873,8 +873,46 @@ def approve_deny(
 
     Example: aios approve deny ap-3
     """
-    decided = _admin_call("POST", f"/api/v1/approvals/{approval_id}/deny", url, token, config)
+    decided = _api_call("POST", f"/api/v1/approvals/{approval_id}/deny", url, token, config)
     err.print(f"{decided['id']}: denied {decided['capability']}")
+
+
+# -- tools ---------------------------------------------------------------------------------------
+tools_app = typer.Typer(
+    help="Tools: what a kernel offers, and the sandbox its code tools run in.",
+    no_args_is_help=True,
+)
+app.add_typer(tools_app, name="tools")
+
+
+@tools_app.command("list")
+def tools_list(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt = None) -> None:
+    """The tools a running kernel offers (built-ins, entry points, MCP servers).
+
+    Example: aios tools list --token aios_...
+    """
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "LIMIT", "TIMEOUT s", "HINTS", "SOURCE", "DESCRIPTION"):
+        table.add_column(col)
+    for t in _api_call("POST", "/api/v1/tools/list", url, token, config, json={})["result"]:
+        hints = [h.removesuffix("Hint") for h, on in t["annotations"].items() if on]
+        table.add_row(t["name"], str(t["concurrency"]), f"{t['timeout']:g}", ",".join(hints),
+                      t["source"], t["description"].split("\n")[0][:60])  # fmt: skip
+    console.print(table)
+
+
+@tools_app.command("sandbox")
+def tools_sandbox() -> None:
+    """Which sandbox code tools (python) would run in on this machine: exit 0 if bubblewrap,
+    1 if only the weaker namespaces, 2 if none (code tools are then disabled).
+
+    Example: aios tools sandbox
+    """
+    from aios.tools.sandbox import Sandbox
+
+    found = Sandbox.detect()
+    console.print(found.describe())
+    raise typer.Exit({"bubblewrap": 0, "namespaces": 1}.get(found.kind, 2))
 
 
 # -- MCP -----------------------------------------------------------------------------------------

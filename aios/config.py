@@ -268,8 +268,14 @@ class AccessConfig:
     approve_destructive_tools: bool = True
     approve_shared_writes: bool = True  # changes to another agent's files
     approval_timeout: float = 300.0  # at most this long in the queue (and the call's deadline)
+    # Groups' own LLM quotas; an agent in none of them has the kernel's ``quota``.
+    quotas: Mapping[str, Quota] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.quotas, Mapping) or not all(
+            isinstance(q, Quota) for q in self.quotas.values()
+        ):
+            raise ConfigError("access.quotas must map group names to quotas")
         if not isinstance(self.groups, Mapping) or "default" not in self.groups:
             raise ConfigError("access.groups must be a table with a 'default' group")
         for group, patterns in self.groups.items():

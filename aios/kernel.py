@@ -487,6 +487,7 @@ class Kernel:
         if decision == "denied":  # (approval patterns apply to memory, storage and tool calls)
             self._audit(process, "llm", op, core.name, "denied", "permission_denied")
             raise PermissionDenied(f"llm.{op} is not allowed: {reason}")
+        quota = self.access.quota(process.principal, self.config.quota)
         fitted: Fitted | None = None
         asked = call
         if memory is not None and memory.fits:
@@ -504,7 +505,7 @@ class Kernel:
             async with AsyncExitStack() as held:
                 try:  # waiting for a place under the agent's quota counts against the deadline
                     async with asyncio.timeout_at(deadline):
-                        await held.enter_async_context(self.quotas.admit(process.id))
+                        await held.enter_async_context(self.quotas.admit(process.id, quota))
                 except TimeoutError:
                     raise DeadlineExceeded(
                         f"{process.id} had {self.quotas.in_flight(process.id)} LLM calls in "
@@ -549,7 +550,7 @@ class Kernel:
                 )
                 # Prompt + completion tokens, once the call reached the model.
                 if completion is not None or request.timings.admitted is not None:
-                    self.quotas.charge(process.id, request.usage.total_tokens)
+                    self.quotas.charge(process.id, request.usage.total_tokens, quota)
 
     async def _from_memory(
         self, process: AgentProcess, core: Core, call: LLMCall, memory: MemoryUse

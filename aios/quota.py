@@ -5,6 +5,9 @@
         completion = ...
     quotas.charge(agent_id, completion.usage.total_tokens)
 
+An agent may have its own :class:`Quota` (``admit(agent_id, quota)``: the access policy gives
+groups theirs); the one given to ``Quotas`` applies to the others.
+
 The token budget is checked on admission and charged when a call finishes, so an agent can
 overshoot its budget by what its calls in flight use; ``max_parallel`` bounds that.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -42,11 +45,25 @@ class Quota:
     def unlimited(self) -> bool:
         return self.tokens_per_minute is None and self.max_parallel is None
 
+    @staticmethod
+    def most_generous(quotas: Iterable[Quota]) -> Quota:
+        """Each limit at its most generous among ``quotas`` (no limit beats any limit)."""
+        quotas = list(quotas)
+
+        def loosest(values: list[int | None]) -> int | None:
+            return None if not values or None in values else max(v for v in values if v)
+
+        return Quota(
+            loosest([q.tokens_per_minute for q in quotas]),
+            loosest([q.max_parallel for q in quotas]),
+        )
+
 
 @dataclass
 class _Agent:
     """One agent's quota state. Dropped when it is idle and its window is empty."""
 
+    quota: Quota
     touched: float  # last admission, release or charge: no charge in the window is later
     slots: asyncio.Semaphore | None
     window: deque[tuple[float, int]] = field(default_factory=deque)  # (when, tokens), oldest first
@@ -60,7 +77,7 @@ class _Agent:
 
 
 class Quotas:
-    """The quota state of every agent, under one :class:`Quota` that applies to each."""
+    """The quota state of every agent: each under its own :class:`Quota` or the default one."""
 
     def __init__(
         self, quota: Quota | None = None, *, clock: Callable[[], float] = time.monotonic
@@ -71,13 +88,15 @@ class Quotas:
         self._agents: OrderedDict[str, _Agent] = OrderedDict()
 
     @asynccontextmanager
-    async def admit(self, agent_id: str) -> AsyncIterator[None]:
+    async def admit(self, agent_id: str, quota: Quota | None = None) -> AsyncIterator[None]:
         """Hold one of the agent's places for the body. Raises :class:`QuotaExceeded` when its
-        token window is full; waits while it has ``max_parallel`` calls in flight."""
-        if self.quota.unlimited:
+        token window is full; waits while it has ``max_parallel`` calls in flight. ``quota``:
+        the agent's own (default: the one all agents share)."""
+        quota = quota or self.quota
+        if quota.unlimited:
             yield
             return
-        agent = self._touch(agent_id, self._clock())
+        agent = self._touch(agent_id, self._clock(), quota)
         agent.waiting += 1  # keeps the state alive while it waits
         try:
             self._check(agent_id, agent)
@@ -98,18 +117,19 @@ class Quotas:
             agent.in_flight -= 1
             if agent.slots is not None:
                 agent.slots.release()
-            self._touch(agent_id, self._clock())
+            self._touch(agent_id, self._clock(), quota)
             if agent.idle and not agent.window and self._agents.get(agent_id) is agent:
                 del self._agents[agent_id]  # nothing left to remember
 
-    def charge(self, agent_id: str, tokens: int) -> None:
+    def charge(self, agent_id: str, tokens: int, quota: Quota | None = None) -> None:
         """Count ``tokens`` (prompt + completion) against the agent's window, now."""
         if tokens < 0:
             raise ValueError(f"cannot charge a negative number of tokens ({tokens})")
-        if self.quota.tokens_per_minute is None or tokens == 0:
+        quota = quota or self.quota
+        if quota.tokens_per_minute is None or tokens == 0:
             return
         now = self._clock()
-        agent = self._touch(agent_id, now)
+        agent = self._touch(agent_id, now, quota)
         agent.window.append((now, tokens))
         agent.used += tokens
 
@@ -131,7 +151,7 @@ class Quotas:
 
     # -- internals -------------------------------------------------------------------------
     def _check(self, agent_id: str, agent: _Agent) -> None:
-        limit = self.quota.tokens_per_minute
+        limit = agent.quota.tokens_per_minute
         if limit is None:
             return
         now = self._clock()
@@ -161,9 +181,10 @@ class Quotas:
         while agent.window and agent.window[0][0] <= horizon:
             agent.used -= agent.window.popleft()[1]
 
-    def _touch(self, agent_id: str, now: float) -> _Agent:
-        """The agent's state (created if needed), marked as touched now; drops idle agents
-        whose every charge has left the window, so memory stays bounded by active agents."""
+    def _touch(self, agent_id: str, now: float, quota: Quota) -> _Agent:
+        """The agent's state (created if needed, under ``quota``), marked as touched now; drops
+        idle agents whose every charge has left the window, so memory stays bounded by active
+        agents. A changed quota takes over once the agent has nothing in flight or waiting."""
         horizon = now - WINDOW_SECONDS
         while self._agents:
             oldest_id, oldest = next(iter(self._agents.items()))
@@ -175,9 +196,12 @@ class Quotas:
                 oldest.touched = now
                 self._agents.move_to_end(oldest_id)
         agent = self._agents.get(agent_id)
+        if agent is not None and agent.quota != quota and agent.idle:
+            slots = quota.max_parallel
+            agent.quota, agent.slots = quota, None if slots is None else asyncio.Semaphore(slots)
         if agent is None:
-            slots = self.quota.max_parallel
-            agent = _Agent(now, None if slots is None else asyncio.Semaphore(slots))
+            slots = quota.max_parallel
+            agent = _Agent(quota, now, None if slots is None else asyncio.Semaphore(slots))
             self._agents[agent_id] = agent
         else:
             agent.touched = now

@@ -15,9 +15,11 @@ from test_server import serve
 
 from aios.access import Access, capability
 from aios.config import AccessConfig, CoreConfig, KernelConfig, StorageConfig
-from aios.errors import PermissionDenied
+from aios.errors import ConfigError, PermissionDenied
 from aios.kernel import Kernel
 from aios.process import AgentProcess
+from aios.quota import Quota
+from aios.server.config import load_settings
 from aios.storage.db import Database
 from aios.storage.files import Principal
 from aios.syscall import LLMCall, Message
@@ -190,6 +192,92 @@ def test_approvals_over_http(tmp_path: Path) -> None:
         assert kernel_ is not None
         kernel_.resources.tools.registry.register(wipe_all)
         asyncio.run(approvals_over_http(server.url, server.agent("alice"), server.admin))
+
+
+def test_the_cli_lists_tools_and_decides_approvals(tmp_path: Path) -> None:
+    import threading
+
+    import httpx
+    from typer.testing import CliRunner
+
+    from aios.cli import app
+
+    @tool(destructive=True)
+    def wipe_all(confirm: bool) -> str:
+        """Delete everything."""
+        return "wiped"
+
+    cli = CliRunner()
+    with serve(tmp_path / "data") as server:
+        kernel_ = server.srv.kernel
+        assert kernel_ is not None
+        kernel_.resources.tools.registry.register(wipe_all)
+        agent = server.agent("alice")
+        as_agent = ["--url", server.url, "--token", agent]
+        as_admin = ["--url", server.url, "--token", server.admin]
+        listed = cli.invoke(app, ["tools", "list", *as_agent])
+        assert listed.exit_code == 0, listed.output
+        assert "calculator" in listed.output and "wipe_all" in listed.output
+        assert "destructive" in listed.output
+        refused = cli.invoke(app, ["approve", "list", *as_agent])  # agents may not decide
+        assert refused.exit_code == 1 and "admin" in refused.output.lower()
+        results: list[httpx.Response] = []
+        caller = threading.Thread(target=lambda: results.append(httpx.post(
+            f"{server.url}/api/v1/tools/call?timeout=20", timeout=30,
+            headers={"authorization": f"Bearer {agent}"},
+            json={"name": "wipe_all", "arguments": {"confirm": True}},
+        )))  # fmt: skip
+        caller.start()
+        waiting = ""
+        deadline = time.monotonic() + 10
+        while "ap-" not in waiting and time.monotonic() < deadline:
+            waiting = cli.invoke(app, ["approve", "list", *as_admin]).output
+        assert "tools.call:wipe_all" in waiting and "alice" in waiting
+        approval = next(w for w in waiting.split() if w.startswith("ap-"))
+        allowed = cli.invoke(app, ["approve", "allow", approval, *as_admin])
+        assert allowed.exit_code == 0 and "allowed tools.call:wipe_all" in allowed.output
+        caller.join(30)
+        assert results[0].status_code == 200 and results[0].json()["result"] == "wiped"
+        again = cli.invoke(app, ["approve", "deny", approval, *as_admin])
+        assert again.exit_code == 1 and "no pending approval" in again.output
+
+
+def test_the_policy_file_sets_groups_approvals_and_group_quotas(tmp_path: Path) -> None:
+    path = tmp_path / "aios.toml"
+    path.write_text(
+        "[kernel.quota]\ntokens_per_minute = 100\n"
+        "[kernel.access]\napprove = ['storage.delete:*']\napproval_timeout = 30\n"
+        "[kernel.access.groups]\ndefault = ['llm.*']\nbulk = ['llm.*', 'tools.call:*']\n"
+        "[kernel.access.quotas.bulk]\ntokens_per_minute = 100000\nmax_parallel = 4\n"
+        "[[kernel.mcp]]\nname = 'fs'\ncommand = ['python', 'server.py']\n"
+    )
+    kernel = load_settings(path, env={}).kernel
+    assert kernel.access.groups == {"default": ("llm.*",), "bulk": ("llm.*", "tools.call:*")}
+    assert kernel.access.approve == ("storage.delete:*",) and kernel.access.approval_timeout == 30
+    assert kernel.mcp[0].command == ("python", "server.py")
+    access = Access(kernel.access)
+    assert access.quota(Principal("a"), kernel.quota) == Quota(tokens_per_minute=100)
+    bulk = Principal("b", frozenset({"bulk"}))
+    assert access.quota(bulk, kernel.quota) == Quota(100_000, 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "mentions"),
+    [
+        ("[kernel.access.groups]\nother = ['llm.*']\n", "'default' group"),
+        ("[kernel.access.groups]\ndefault = 'llm.*'\n", "capability patterns"),
+        ("[kernel.access]\napproval_timeout = 0\n", "approval_timeout"),
+        ("[kernel.access]\nquotas = 5\n", "quotas"),
+        ("[kernel.access.quotas.bulk]\nper_hour = 5\n", "per_hour"),
+        ("[kernel.access.quotas.bulk]\nmax_parallel = 0\n", "positive integer"),
+        ("[kernel.access]\nallow_all = true\n", "allow_all"),
+    ],
+)
+def test_a_bad_policy_is_a_config_error(tmp_path: Path, text: str, mentions: str) -> None:
+    path = tmp_path / "aios.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=mentions):
+        load_settings(path, env={})
 
 
 def test_the_principal_comes_from_the_process() -> None:

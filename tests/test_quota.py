@@ -10,7 +10,7 @@ import threading
 import pytest
 from fakes import CORE_DEFAULTS, FakeFactory, prompt_call, wait_until
 
-from aios.config import CoreConfig, KernelConfig
+from aios.config import AccessConfig, CoreConfig, KernelConfig
 from aios.errors import ConfigError, DeadlineExceeded, QuotaExceeded
 from aios.kernel import Kernel
 from aios.process import AgentState
@@ -53,6 +53,32 @@ def test_invalid_quota_is_a_config_error(kwargs: dict[str, object]) -> None:
 def test_kernel_config_has_no_quota_by_default() -> None:
     assert KernelConfig().quota == Quota() and Quota().unlimited
     assert not Quota(max_parallel=1).unlimited
+
+
+def test_most_generous_takes_each_limit_at_its_loosest() -> None:
+    tight, wide = Quota(100, 1), Quota(1000, None)
+    assert Quota.most_generous([tight, wide]) == Quota(1000, None)
+    assert Quota.most_generous([tight, Quota(None, 4)]) == Quota(None, 4)
+    assert Quota.most_generous([tight]) == tight and Quota.most_generous([]) == Quota()
+
+
+async def test_an_agent_with_its_own_quota_is_held_to_it() -> None:
+    quotas = Quotas(Quota(max_parallel=1))
+    own = Quota(max_parallel=2)
+    async with quotas.admit("wide", own), quotas.admit("wide", own):  # two at once: its own
+        assert quotas.in_flight("wide") == 2
+        async with quotas.admit("narrow"):
+            second = asyncio.create_task(quotas.admit("narrow").__aenter__())
+            await settle()
+            assert not second.done()  # the shared default: one at a time
+            second.cancel()
+    quotas = Quotas(Quota(tokens_per_minute=10))
+    quotas.charge("big", 50, Quota(tokens_per_minute=100))
+    async with quotas.admit("big", Quota(tokens_per_minute=100)):
+        pass
+    with pytest.raises(QuotaExceeded, match="limit of 50 "):
+        async with quotas.admit("big", Quota(tokens_per_minute=50)):  # a changed quota applies
+            pass
 
 
 async def test_no_limits_keeps_no_state() -> None:
@@ -297,6 +323,21 @@ async def test_kernel_rejects_a_call_over_the_token_quota_without_queueing_it() 
         assert len(factory.engine.plans) == steps and kernel.cores["fake"].queued == 0
         other = kernel.register("other")
         assert (await kernel.llm(other, prompt_call("hi"))).text == "ok"
+
+
+async def test_kernel_gives_a_group_its_own_quota() -> None:
+    groups = {"default": ("llm.*",), "bulk": ("llm.*",)}
+    access = AccessConfig(groups=groups, quotas={"bulk": Quota(tokens_per_minute=10_000)})
+    kernel, _ = quota_kernel(Quota(tokens_per_minute=5), access=access)
+    async with asyncio.timeout(5), kernel:
+        plain = kernel.register("plain", owner="alice")
+        bulk = kernel.register("bulk", owner="bob")
+        bulk.groups = frozenset({"bulk"})
+        for process in (plain, bulk):
+            await kernel.llm(process, prompt_call("hello"))
+        with pytest.raises(QuotaExceeded, match="limit of 5 "):
+            await kernel.llm(plain, prompt_call("again"))
+        assert (await kernel.llm(bulk, prompt_call("again"))).text == "ok"
 
 
 async def test_kernel_waiting_for_a_place_counts_against_the_deadline() -> None:

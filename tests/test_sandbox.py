@@ -101,3 +101,12 @@ async def test_the_python_tool(sandbox: Sandbox) -> None:
     failed = await manager.call(ctx, "python", {"code": "1/0"}, Job())
     assert failed["exit_code"] == 1 and "ZeroDivisionError" in failed["stderr"]
     manager.close()
+
+
+def test_the_cli_says_which_sandbox_is_in_use() -> None:
+    from typer.testing import CliRunner
+
+    from aios.cli import app
+
+    result = CliRunner().invoke(app, ["tools", "sandbox"])
+    assert result.exit_code == 0 and "bubblewrap: no network" in result.output

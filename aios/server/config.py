@@ -22,6 +22,8 @@
     [kernel.access.groups]
     default = ["llm.*", "memory.*", "storage.*", "tools.list", "tools.call:*"]
     analysts = ["tools.call:python"]
+    [kernel.access.quotas.analysts]   # a group's own LLM quota (instead of [kernel.quota])
+    tokens_per_minute = 1000000
     [[kernel.mcp]]            # an MCP server's tools join the kernel's (as fs__read_file...)
     name = "fs"
     command = ["npx", "-y", "@modelcontextprotocol/server-filesystem", "/srv/shared"]
@@ -168,6 +170,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     groups = access.get("groups")
     if isinstance(groups, dict):
         access["groups"] = {g: tuple(p) if isinstance(p, list) else p for g, p in groups.items()}
+    if "quotas" in access:
+        access["quotas"] = {
+            group: _build(Quota, _table(access["quotas"], group), f"kernel.access.quotas.{group}")
+            for group in _table(access, "quotas")
+        }
     tables["access"] = _build(AccessConfig, access, "kernel.access")
     kernel.pop("access", None)
     servers = kernel.pop("mcp", [])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import datetime
+import logging
 import math
 import operator
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aios.tools.sandbox import Limits, Sandbox, python_argv
 from aios.tools.spec import ToolContext, ToolSpec, tool
+
+log = logging.getLogger(__name__)
 
 MAX_EXPRESSION = 500
 MAX_EXPONENT = 1000
@@ -149,6 +152,8 @@ def python_tool(limits: Limits | None = None) -> ToolSpec:
         you want to see."""
         if not found:
             found.append(await asyncio.to_thread(Sandbox.detect))
+            level = logging.INFO if found[0].kind == "bubblewrap" else logging.WARNING
+            log.log(level, "sandbox for code tools: %s", found[0].describe())
         return (await found[0].run(python_argv(code), limits)).to_json()
 
     return tool(concurrency=2, timeout=limits.wall_seconds + 5)(python)
