@@ -18,14 +18,6 @@ from aios.storage.db import Database
 from aios.syscall import LLMCall, Message
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "aios.db")
-    dsn: str = request.getfixturevalue("pg_dsn")
-    return dsn
-
-
 def records(n: int) -> list[Record]:
     return [
         Record(

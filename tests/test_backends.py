@@ -5,8 +5,6 @@ search ranking, migrations, and isolation between agents (with and without share
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,14 +27,6 @@ from aios.storage.schema import MIGRATIONS, migrate
 ALICE, BOB, CAROL = Principal("alice"), Principal("bob", frozenset({"team"})), Principal("carol")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "aios.db")
-    dsn: str = request.getfixturevalue("pg_dsn")
-    return dsn
-
-
 async def open_store(url: str, **limits: Any) -> Resources:
     memory = limits.pop("memory", MemoryConfig())
     store = Resources(StorageConfig(database=url, **limits), memory)
@@ -45,10 +35,8 @@ async def open_store(url: str, **limits: Any) -> Resources:
 
 
 @pytest.fixture
-async def store(url: str) -> AsyncIterator[Resources]:
-    s = await open_store(url)
-    yield s
-    await s.close()
+def store(resources: Resources) -> Resources:
+    return resources
 
 
 def caller(store: Resources, who: Principal, kind: str = "storage") -> Any:

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,15 +144,6 @@ def note_index(text: str) -> int:
     i = int(body.split()[1])
     assert text == note_text(i)
     return i
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield str(tmp_path / "aios.db")
-    else:
-        dsn: str = request.getfixturevalue("pg_dsn")
-        yield dsn
 
 
 async def run_and_kill(url: str, tmp_path: Path) -> tuple[list[FileAck | NoteAck], float]:

@@ -8,7 +8,6 @@ import asyncio
 import math
 import threading
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,25 +23,10 @@ from aios.storage.files import Principal
 ALICE, BOB = Principal("alice"), Principal("bob")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "memory.db")
-    dsn: str = request.getfixturevalue("pg_dsn")
-    return dsn
-
-
 async def start(url: str, memory: MemoryConfig | None = None) -> Resources:
     r = Resources(StorageConfig(database=url), memory or MemoryConfig())
     await r.start()
     return r
-
-
-@pytest.fixture
-async def resources(url: str) -> AsyncIterator[Resources]:
-    r = await start(url)
-    yield r
-    await r.close()
 
 
 @pytest.fixture

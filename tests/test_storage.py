@@ -8,8 +8,7 @@ from __future__ import annotations
 import sqlite3
 import string
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -45,22 +44,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "storage.db")
-    dsn: str = request.getfixturevalue("pg_dsn")
-    return dsn
-
-
-@pytest.fixture
-async def resources(url: str) -> AsyncIterator[Resources]:
-    r = Resources(StorageConfig(database=url), MemoryConfig())
-    await r.start()
-    yield r
-    await r.close()
 
 
 @pytest.fixture

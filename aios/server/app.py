@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -52,6 +52,7 @@ from aios.errors import (
 from aios.identity import Identities, Identity
 from aios.kernel import Kernel
 from aios.process import AgentProcess
+from aios.resources import MEMORY_OPS, STORAGE_OPS, TOOL_OPS
 from aios.server.config import ServerConfig
 from aios.server.http import BodyLimit, ClientGone, EventStream, cancel_on_disconnect, sse
 from aios.server.schemas import (
@@ -441,40 +442,21 @@ def create_app(
         'content travels as text or as {"base64": "..."}.'
     )
 
-    @app.post(
-        "/api/v1/memory/{op}",
-        response_model=SyscallOut,
-        responses=responses,
-        tags=["memory"],
-        summary="Memory syscall: add, get, update, delete, list, search, remember, history, "
-        "forget, usage",
-        description=resource_doc,
-    )
-    async def memory_op(op: str, identity: Caller, request: Request) -> Response:
-        return await resource("memory", op, identity, request)
-
-    @app.post(
-        "/api/v1/storage/{op}",
-        response_model=SyscallOut,
-        responses=responses,
-        tags=["storage"],
-        summary="Storage syscall: write, read, stat, ls, delete, mkdir, move, history, "
-        "rollback, share, unshare, shares, search, usage",
-        description=resource_doc,
-    )
-    async def storage_op(op: str, identity: Caller, request: Request) -> Response:
-        return await resource("storage", op, identity, request)
-
-    @app.post(
-        "/api/v1/tools/{op}",
-        response_model=SyscallOut,
-        responses=responses,
-        tags=["tools"],
-        summary='Tool syscall: list, or call a tool ({"name": ..., "arguments": {...}})',
-        description=resource_doc,
-    )
-    async def tools_op(op: str, identity: Caller, request: Request) -> Response:
-        return await resource("tools", op, identity, request)
+    operations = {
+        "memory": ("Memory syscall", tuple(MEMORY_OPS)),
+        "storage": ("Storage syscall", STORAGE_OPS),
+        "tools": ('Tool syscall ({"name": ..., "arguments": {...}} for call)', TOOL_OPS),
+    }
+    for kind, (what, ops) in operations.items():
+        app.post(
+            f"/api/v1/{kind}/{{op}}",
+            response_model=SyscallOut,
+            responses=responses,
+            tags=[kind],
+            summary=f"{what}: {', '.join(ops)}",
+            description=resource_doc,
+            name=f"{kind}_op",
+        )(resource_route(resource, kind))
 
     @app.get("/api/v1/approvals", tags=["access"], summary="Calls waiting for approval (admin)")
     async def list_approvals(identity: Caller) -> Response:
@@ -651,6 +633,17 @@ async def syscall_events(
             if syscall is None:
                 raise  # nothing sent yet: a plain HTTP error
             yield sse(server.envelope(syscall, identity.name, received, error=e), "error")
+
+
+def resource_route(
+    resource: Callable[[str, str, Identity, Request], Awaitable[Response]], kind: str
+) -> Callable[..., Awaitable[Response]]:
+    """The route of one kind of resource syscall (``/api/v1/KIND/{op}``)."""
+
+    async def route(op: str, identity: Caller, request: Request) -> Response:
+        return await resource(kind, op, identity, request)
+
+    return route
 
 
 def _timeout(value: str | None) -> float | None:
