@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import percentile
+from common import markdown, percentile
 from throughput import DirectClient
 
 from aios.config import CoreConfig, KernelConfig
@@ -305,11 +305,11 @@ COLUMNS = [
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
-    for r in result["medians"]:
-        cells = [fmt.format(r[key]) if key in r else "-" for _, key, fmt in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [fmt.format(r[key]) if key in r else "-" for _, key, fmt in COLUMNS]
+        for r in result["medians"]
+    ]
+    return markdown([c[0] for c in COLUMNS], rows)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 
 def percentile(values: list[float], q: float) -> float:
     """The ``q`` quantile (0..1) of ``values`` by nearest rank; NaN for no values."""
@@ -9,3 +11,15 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def markdown(header: Sequence[str], rows: Iterable[Sequence[object]], align: str = "") -> str:
+    """A Markdown table; ``align`` has one letter per column, ``l`` (left) or ``r`` (right,
+    the default for columns it does not cover)."""
+    align = align.ljust(len(header), "r")
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "".join("---|" if a == "l" else "---:|" for a in align),
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+    ]
+    return "\n".join(lines)

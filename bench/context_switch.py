@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import markdown
+
 from aios.config import CoreConfig
 from aios.context import SnapshotStore
 from aios.llm.engine import BatchItem, SeqRestore, SeqSave, SeqStart, StepPlan
@@ -118,18 +120,15 @@ def main() -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| tokens | snapshot MB | save ms | restore ms | save+restore via disk ms | re-prefill ms "
-        "| re-prefill / restore |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['tokens']} | {r['mb']:.1f} | {1e3 * r['save_s']:.1f} | "
-            f"{1e3 * r['restore_s']:.1f} | {1e3 * (r['save_disk_s'] + r['restore_disk_s']):.1f} "
-            f"| {1e3 * r['prefill_s']:.0f} | {r['restore_vs_prefill']:.0f}x |"
-        )
-    return "\n".join(lines)
+    header = ["tokens", "snapshot MB", "save ms", "restore ms", "save+restore via disk ms",
+              "re-prefill ms", "re-prefill / restore"]  # fmt: skip
+    cells = [
+        [r["tokens"], f"{r['mb']:.1f}", f"{1e3 * r['save_s']:.1f}", f"{1e3 * r['restore_s']:.1f}",
+         f"{1e3 * (r['save_disk_s'] + r['restore_disk_s']):.1f}", f"{1e3 * r['prefill_s']:.0f}",
+         f"{r['restore_vs_prefill']:.0f}x"]
+        for r in rows
+    ]  # fmt: skip
+    return markdown(header, cells)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import percentile
+from common import markdown, percentile
 
 from aios.config import CoreConfig, KernelConfig
 from aios.kernel import Kernel
@@ -194,16 +194,13 @@ def summarize(runs: list[dict[str, Any]], levels: list[int]) -> list[dict[str, A
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [
-        "| clients | arm | p50 ms | p99 ms | syscalls/s | p50 added by HTTP ms |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
-    for row in result["summary"]:
-        lines.append(
-            f"| {row['clients']} | {row['arm']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
-            f"{row['syscalls_per_s']:.0f} | {row['p50_added_over_kernel_ms']:.2f} |"
-        )
-    return "\n".join(lines)
+    header = ["clients", "arm", "p50 ms", "p99 ms", "syscalls/s", "p50 added by HTTP ms"]
+    rows = [
+        [r["clients"], r["arm"], f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+         f"{r['syscalls_per_s']:.0f}", f"{r['p50_added_over_kernel_ms']:.2f}"]
+        for r in result["summary"]
+    ]  # fmt: skip
+    return markdown(header, rows, "rl")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

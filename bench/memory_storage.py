@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from common import percentile
+from common import markdown, percentile
 
 from aios.config import MemoryConfig, StorageConfig
 from aios.resources import Resources
@@ -249,20 +249,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [
-        "| op | notes | sqlite p50 ms | sqlite p95 ms | sqlite ops/s "
-        "| postgres p50 ms | postgres p95 ms | postgres ops/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    rows = {(r["arm"], r["notes"], r["op"]): r for r in result["summary"]}
-    for op in OPS:
-        for notes in result["notes"]:
-            s, p = rows[("sqlite", notes, op)], rows[("postgres", notes, op)]
-            lines.append(
-                f"| {op} | {notes} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['ops_per_s']:.0f} "
-                f"| {p['p50_ms']:.2f} | {p['p95_ms']:.2f} | {p['ops_per_s']:.0f} |"
-            )
-    return "\n".join(lines)
+    header = ["op", "notes"] + [f"{arm} {m}" for arm in ARMS for m in ("p50 ms", "p95 ms", "ops/s")]
+    by = {(r["arm"], r["notes"], r["op"]): r for r in result["summary"]}
+    rows = [
+        [op, notes] + [f"{by[(arm, notes, op)][k]:{f}}" for arm in ARMS
+                       for k, f in (("p50_ms", ".2f"), ("p95_ms", ".2f"), ("ops_per_s", ".0f"))]
+        for op in OPS
+        for notes in result["notes"]
+    ]  # fmt: skip
+    return markdown(header, rows, "l")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

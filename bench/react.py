@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import markdown
+
 from aios.agents.react import FileAgent, MathAgent, number_in
 from aios.agents.tasks import FILES, MATH
 from aios.config import CoreConfig, KernelConfig
@@ -96,16 +98,13 @@ def calls_of(agent: Any) -> int:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [
-        "| suite | arm | succeeded | mean s/task | tool calls/task |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for s in result["summary"]:
-        lines.append(
-            f"| {s['suite']} | {s['arm']} | {s['succeeded']}/{s['tasks']} | "
-            f"{s['mean_seconds']:.2f} | {s['mean_tool_calls']:.1f} |"
-        )
-    return "\n".join(lines)
+    header = ["suite", "arm", "succeeded", "mean s/task", "tool calls/task"]
+    rows = [
+        [s["suite"], s["arm"], f"{s['succeeded']}/{s['tasks']}", f"{s['mean_seconds']:.2f}",
+         f"{s['mean_tool_calls']:.1f}"]
+        for s in result["summary"]
+    ]  # fmt: skip
+    return markdown(header, rows, "ll")
 
 
 def main() -> None:
