@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from syscalls import syscalls
 
 from aios.config import MemoryConfig, StorageConfig
-from aios.errors import AIOSError, InvalidRequest, NotFound, StorageError
+from aios.errors import InvalidRequest, NotFound, StorageError
 from aios.memory.manager import MemoryManager
 from aios.memory.notes import Note
 from aios.resources import Resources
@@ -37,16 +38,7 @@ async def db(url: str) -> AsyncIterator[Database]:
     await database.close()
 
 
-async def mem(r: Resources, who: Principal, op: str, **args: Any) -> Any:
-    return await r.call(who, "memory", op, args, Job())
-
-
-async def raises(
-    error: type[AIOSError], r: Resources, who: Principal, op: str, **args: Any
-) -> AIOSError:
-    with pytest.raises(error) as info:
-        await mem(r, who, op, **args)
-    return info.value
+mem, raises = syscalls("memory")
 
 
 async def ids(r: Resources, who: Principal, **where: Any) -> list[int]:

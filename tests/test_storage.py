@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from syscalls import syscalls
 
 from aios.config import MemoryConfig, StorageConfig
 from aios.errors import (
@@ -53,16 +54,7 @@ def clock(resources: Resources) -> Iterator[Clock]:
     yield c
 
 
-async def call(r: Resources, who: Principal, op: str, **args: Any) -> Any:
-    return await r.call(who, "storage", op, args, Job())
-
-
-async def raises(
-    error: type[AIOSError], r: Resources, who: Principal, op: str, **args: Any
-) -> AIOSError:
-    with pytest.raises(error) as info:
-        await call(r, who, op, **args)
-    return info.value
+call, raises = syscalls("storage")
 
 
 def limit(r: Resources, **limits: int) -> None:
