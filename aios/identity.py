@@ -5,6 +5,10 @@ only its SHA-256 is stored, so the database never holds a usable credential. A r
 token needs no salt or slow hash: nothing can be guessed from its digest. Identities live in one
 SQLite file in the data directory (WAL, so the CLI can add agents while a server runs). The admin
 token belongs to the reserved identity ``admin``.
+
+A server authenticates every request, so known tokens are kept in memory until the table
+changes: its own writes clear them, and another process's (``aios agent revoke``) show in
+``PRAGMA data_version``, checked on each call; a revoked token stops working at once.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from aios.errors import ConfigError, InvalidRequest
 
 ADMIN = "admin"
 TOKEN_PREFIX = "aios_"
+MAX_CACHED = 10_000  # known tokens kept in memory (only valid ones: random tokens add nothing)
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
@@ -66,6 +71,9 @@ class Identities:
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as e:
             raise ConfigError(f"cannot open the identity database {self.path}: {e}") from None
+        self._known: dict[str, Identity] = {}  # token digest -> identity, while unchanged
+        self._version = -1  # PRAGMA data_version when _known was last valid
+        self._writes = 0  # this object's writes, so a read racing one is not cached
 
     def close(self) -> None:
         self._db.close()
@@ -86,6 +94,7 @@ class Identities:
                 "VALUES (?, ?, ?, ?, ?)",
                 (name, digest(token), ",".join(groups), int(admin), time.time()),
             )
+            self._changed()
         except sqlite3.IntegrityError:
             raise InvalidRequest(
                 f"an agent named {name!r} exists; revoke it first to issue a new token"
@@ -102,14 +111,32 @@ class Identities:
             "token_sha256 = excluded.token_sha256, admin = 1",
             (ADMIN, digest(token), time.time()),
         )
+        self._changed()
 
     def authenticate(self, token: str) -> Identity | None:
+        """The identity of ``token``, or None if it is unknown or revoked."""
+        key = digest(token)
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:  # another connection changed the table
+            self._known.clear()
+            self._version = version
+        if (known := self._known.get(key)) is not None:
+            return known
+        writes = self._writes
         row = self._db.execute(
-            "SELECT name, groups, admin FROM identities WHERE token_sha256 = ?", (digest(token),)
+            "SELECT name, groups, admin FROM identities WHERE token_sha256 = ?", (key,)
         ).fetchone()
         if row is None:
             return None
-        return Identity(row[0], tuple(g for g in row[1].split(",") if g), bool(row[2]))
+        identity = Identity(row[0], tuple(g for g in row[1].split(",") if g), bool(row[2]))
+        if writes == self._writes and len(self._known) < MAX_CACHED:
+            self._known[key] = identity
+        return identity
+
+    def _changed(self) -> None:
+        """After a write on this connection (which ``data_version`` does not count)."""
+        self._writes += 1
+        self._known.clear()
 
     def list(self) -> list[Identity]:
         rows = self._db.execute("SELECT name, groups, admin FROM identities ORDER BY name")
@@ -120,4 +147,5 @@ class Identities:
         if name == ADMIN:
             raise InvalidRequest("the admin identity cannot be revoked (set a new admin token)")
         cursor = self._db.execute("DELETE FROM identities WHERE name = ?", (name,))
+        self._changed()
         return cursor.rowcount > 0

@@ -31,7 +31,7 @@ from aios.errors import (
     Unauthenticated,
     Unreachable,
 )
-from aios.identity import Identities, digest
+from aios.identity import Identities, Identity, digest
 from aios.quota import Quota
 from aios.sdk import Agent
 from aios.sdk.http import AsyncClient, Client
@@ -1370,6 +1370,34 @@ def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
         assert reopened.authenticate(token) == identity
     finally:
         reopened.close()
+
+
+def test_known_tokens_are_cached_but_a_revoke_anywhere_ends_them_at_once(tmp_path: Path) -> None:
+    server = Identities(tmp_path / "aios.db")  # the server's connection
+    cli = Identities(tmp_path / "aios.db")  # `aios agent ...` in another process
+    try:
+        _, alice = cli.create("alice", ("ops",))
+        _, bob = server.create("bob")
+        server.set_admin_token("a" * 24)
+        for _ in range(2):  # the second round is served from the cache
+            assert server.authenticate(alice) == Identity("alice", ("ops",))
+            assert server.authenticate(bob) == Identity("bob")
+            assert server.authenticate("a" * 24) == Identity("admin", (), True)
+        assert cli.revoke("alice")  # another connection's write
+        assert server.authenticate(alice) is None
+        assert server.revoke("bob")  # the server's own write
+        assert server.authenticate(bob) is None
+        cli.set_admin_token("b" * 24)  # a new admin token from the command line
+        assert server.authenticate("a" * 24) is None
+        assert server.authenticate("b" * 24) == Identity("admin", (), True)
+        _, alice = cli.create("alice", ("other",))  # a new identity with the old name
+        assert server.authenticate(alice) == Identity("alice", ("other",))
+        for i in range(50):  # unknown tokens are never remembered
+            assert server.authenticate(f"aios_guess{i}") is None
+        assert len(server._known) <= 3
+    finally:
+        server.close()
+        cli.close()
 
 
 def test_identity_rules(tmp_path: Path) -> None:

@@ -301,14 +301,15 @@ def completion_json(completion: Completion) -> dict[str, Any]:
     }
 
 
-def caller(
+async def caller(
     request: Request,
     credentials: Annotated[
         HTTPAuthorizationCredentials | None,
         Depends(HTTPBearer(auto_error=False, description="An agent token or the admin token.")),
     ],
 ) -> Identity:
-    """The calling agent, from its bearer token (the only source of identity)."""
+    """The calling agent, from its bearer token (the only source of identity). Async, so it
+    runs on the event loop (a sync dependency would cost every request a thread hop)."""
     server: Server = request.app.state.server
     return server.identify(credentials)
 
