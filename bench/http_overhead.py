@@ -5,13 +5,17 @@ one-token replies, so a call's latency is all overhead: HTTP, JSON, auth, the ke
 scheduler, the core's thread hop. No model runs; the core is simulated (labelled as such).
 
 Arms, interleaved (order rotated per concurrency level and repeat), all on the same core config:
-  kernel  - in-process ``Kernel.llm`` (no HTTP): the kernel's own cost.
-  api     - ``POST /api/v1/llm/chat`` on ``aios serve`` in a separate process, from httpx.
-  openai  - ``POST /v1/chat/completions`` on the same server.
-Each level runs C concurrent clients, each calling back to back for ``--seconds``. Reported per
-arm and level: latency p50/p99 (ms, as the client sees it), sustained syscalls/s, and the p50
-added over the in-process kernel (the API's cost). Target: p50 added by API + kernel <= 3 ms
-(at 1 client, where nothing queues).
+  kernel     - in-process ``Kernel.llm`` (no HTTP): the kernel's own cost.
+  api        - ``POST /api/v1/llm/chat`` on ``aios serve`` in a separate process.
+  openai     - ``POST /v1/chat/completions`` on the same server.
+  api-httpx  - the api arm from one ``httpx.AsyncClient`` shared by all clients (one pool).
+The api and openai arms use a lean load generator (one keep-alive HTTP/1.1 connection per
+client, a few lines of asyncio streams) so that they measure the server: on 2 cores a client
+library's own CPU competes with the server's, and httpx's pool costs grow with its connections
+(the api-httpx arm shows what a client sees through it). Each level runs C concurrent clients,
+each calling back to back for ``--seconds``. Reported per arm and level: latency p50/p99 (ms,
+as the client sees it), sustained syscalls/s, and the p50 added over the in-process kernel (the
+API's cost). Target: p50 added by API + kernel <= 3 ms (at 1 client, where nothing queues).
 
     python bench/http_overhead.py --clients 1 10 100 --seconds 5 --repeats 3
 Writes bench/results/http_overhead.json and http_overhead.png and prints a Markdown table.
@@ -43,8 +47,11 @@ from aios.server.main import BackgroundServer
 from aios.syscall import LLMCall, Message, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = ("kernel", "api", "openai")
+ARMS = ("kernel", "api", "openai", "api-httpx")
 MESSAGES = [{"role": "user", "content": "Say hi."}]
+API = "/api/v1/llm/chat"
+API_BODY: dict[str, Any] = {"messages": MESSAGES, "max_tokens": 1}
+OPENAI_BODY: dict[str, Any] = {**API_BODY, "model": "sim", "temperature": 0}
 
 
 def core_config() -> CoreConfig:
@@ -81,6 +88,45 @@ def serve_child(data_dir: str, conn: Any) -> None:
             conn.recv()
 
 
+class Wire:
+    """One keep-alive HTTP/1.1 connection that POSTs a fixed JSON body (a load generator that
+    costs the client almost nothing; it reads Content-Length responses, as aios sends)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> Wire:
+        parts = httpx.URL(url)
+        return cls(*await asyncio.open_connection(parts.host, parts.port))
+
+    @staticmethod
+    def request(url: str, path: str, token: str, body: dict[str, Any]) -> bytes:
+        data = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {httpx.URL(url).host}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        return head.encode() + data
+
+    async def post(self, request: bytes) -> None:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        body = await self.reader.readexactly(length)
+        if status != b"200":
+            raise RuntimeError(f"HTTP {status.decode()}: {body[:200]!r}")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 async def run_level(arm: str, clients: int, seconds: float, target: Any) -> dict[str, Any]:
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -94,19 +140,32 @@ async def run_level(arm: str, clients: int, seconds: float, target: Any) -> dict
                 await kernel.llm(process, call)
                 latencies.append(time.perf_counter() - start)
 
-    else:
+    elif arm == "api-httpx":
         http: httpx.AsyncClient = target
-        path = "/api/v1/llm/chat" if arm == "api" else "/v1/chat/completions"
-        body: dict[str, Any] = {"messages": MESSAGES, "max_tokens": 1}
-        if arm == "openai":
-            body |= {"model": "sim", "temperature": 0}
 
         async def one() -> None:
             while (start := time.perf_counter()) < deadline:
-                response = await http.post(path, json=body)
+                response = await http.post(API, json=API_BODY)
                 if response.status_code != 200:
                     raise RuntimeError(f"{arm}: HTTP {response.status_code}: {response.text}")
                 latencies.append(time.perf_counter() - start)
+
+    else:
+        url, token = target
+        request = (
+            Wire.request(url, API, token, API_BODY)
+            if arm == "api"
+            else Wire.request(url, "/v1/chat/completions", token, OPENAI_BODY)
+        )
+
+        async def one() -> None:
+            wire = await Wire.open(url)
+            try:
+                while (start := time.perf_counter()) < deadline:
+                    await wire.post(request)
+                    latencies.append(time.perf_counter() - start)
+            finally:
+                wire.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(clients)))
@@ -139,13 +198,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 base_url=url, headers={"authorization": f"Bearer {token}"}, limits=limits
             ) as http,
         ):
+            targets = {"kernel": kernel, "api-httpx": http}
             for arm in ARMS:  # warm-up (connections, imports, caches)
-                await run_level(arm, 4, 0.5, kernel if arm == "kernel" else http)
+                await run_level(arm, 4, 0.5, targets.get(arm, (url, token)))
             for repeat in range(args.repeats):
                 for i, clients in enumerate(args.clients):
                     shift = (repeat + i) % len(ARMS)
                     for arm in ARMS[shift:] + ARMS[:shift]:
-                        target = kernel if arm == "kernel" else http
+                        target = targets.get(arm, (url, token))
                         result = await run_level(arm, clients, args.seconds, target)
                         result["repeat"] = repeat
                         runs.append(result)

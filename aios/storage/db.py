@@ -72,6 +72,14 @@ class Conn:
         finally:
             cursor.close()
 
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Execute one statement for each of ``rows`` (one round trip where the driver can)."""
+        cursor = self.raw.cursor()
+        try:
+            cursor.executemany(self._sql(sql), [tuple(row) for row in rows])
+        finally:
+            cursor.close()
+
     def script(self, statements: Sequence[str]) -> None:
         for statement in statements:
             self.raw.execute(statement)
