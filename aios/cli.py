@@ -165,8 +165,11 @@ async def _run_remote(n: int, agent: str, url: str, token: str, submit: bool) ->
         else:
 
             async def one(cls: type[Any], task: str) -> dict[str, Any]:
+                # Each agent its own client, as separate programs would be (and one httpx pool
+                # shared by ~100 busy requests costs more CPU than the server: see README).
                 try:
-                    return {"name": cls.name, "task": task, "result": await cls(client).run(task)}
+                    async with AsyncClient(url, token) as own:
+                        return {"name": cls.name, "task": task, "result": await cls(own).run(task)}
                 except AIOSError as e:
                     return {"name": cls.name, "task": task, "error": f"{e.code}: {e}"}
 

@@ -1460,3 +1460,19 @@ def test_open_identities_admin_token(tmp_path: Path) -> None:
         assert from_env.authenticate(token) is None
     finally:
         from_env.close()
+
+
+@pytest.mark.parametrize("submit", [False, True])
+def test_aios_run_against_a_server(make_server: ServerFactory, submit: bool) -> None:
+    """`aios run --url`: the example agents as HTTP clients (each its own), or in the kernel."""
+    from typer.testing import CliRunner
+
+    from aios.cli import app
+
+    server = make_server()
+    args = ["run", "--url", server.url, "--token", server.agent("runner"), "--agents", "4"]
+    result = CliRunner().invoke(app, args + (["--submit"] if submit else []))
+    assert result.exit_code == 0, result.output
+    assert "4 agents via" in result.output
+    assert ("in the kernel" if submit else "as HTTP clients") in result.output
+    assert result.output.count("hello world") >= 3  # the fake model's answers
