@@ -337,6 +337,7 @@ BENCHMARKS = {
     "scale": "100-2000 agents on the simulated core, with and without the kernel.",
     "http-overhead": "What the HTTP server adds to a syscall (instant simulated core).",
     "memory-storage": "Memory and storage syscalls, SQLite vs PostgreSQL, 1k-100k notes.",
+    "remote-relay": "Kernel CPU per token relayed from a remote core (simulated remote).",
 }
 
 
