@@ -7,6 +7,11 @@ a record, removing one or reordering them breaks the chain at that point, and
 newest records leaves a shorter valid chain: compare the head hash :func:`verify` reports with
 one kept elsewhere (``--head``) to detect that too.
 
+:func:`prune` (``aios audit prune``) removes the oldest records and keeps, in ``audit_anchor``,
+the sequence number and hash of the last one removed: the chain resumes there, so the rest
+still verifies, removing records after the anchor is still detected, and the pruning is
+itself a record.
+
 Records are appended by one writer task in batches (each batch one transaction, gathered for
 up to ``linger`` seconds after the first record), so auditing adds no database round trip to a
 syscall and costs one commit per batch, not per syscall; a crash can lose the records of the
@@ -21,6 +26,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -56,12 +62,18 @@ def chain(prev: str, record: Record) -> str:
     return hashlib.sha256((prev + record.canonical()).encode()).hexdigest()
 
 
+def anchor(conn: Conn) -> tuple[int, str]:
+    """Where the chain starts: after the last pruned record, or at the beginning."""
+    row = conn.one("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+    return (int(row[0]), row[1]) if row else (0, GENESIS)
+
+
 def append(conn: Conn, records: list[Record]) -> str:
     """Append ``records`` in one transaction; the new head hash."""
     with conn.transaction():
         conn.lock("audit")
         row = conn.one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        seq, prev = (int(row[0]), row[1]) if row else (0, GENESIS)
+        seq, prev = (int(row[0]), row[1]) if row else anchor(conn)
         rows = []
         for record in records:
             seq += 1
@@ -78,28 +90,62 @@ class Verdict:
     records: int
     head: str
     problem: str = ""  # what is wrong, at which record
+    pruned: int = 0  # the chain starts after this record (removed by prune)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def prune(conn: Conn, before: float, by: str, *, dry_run: bool = False) -> int:
+    """Remove the records older than ``before`` (a time), keeping at least the newest one, and
+    record that ``by`` did; how many were removed (``dry_run``: would be; nothing changes)."""
+    with conn.transaction():
+        conn.lock("audit")
+        newest = conn.scalar("SELECT MAX(seq) FROM audit")
+        row = conn.one(
+            "SELECT seq, hash FROM audit WHERE at < ? AND seq < ? ORDER BY seq DESC LIMIT 1",
+            (before, newest or 0),
+        )
+        if row is None:
+            return 0
+        through, last_hash = int(row[0]), row[1]
+        if dry_run:
+            return int(conn.scalar("SELECT COUNT(*) FROM audit WHERE seq <= ?", (through,)))
+        removed = conn.run("DELETE FROM audit WHERE seq <= ?", (through,))
+        conn.run("DELETE FROM audit_anchor WHERE id = 1")
+        conn.run(
+            "INSERT INTO audit_anchor (id, seq, hash, at) VALUES (1, ?, ?, ?)",
+            (through, last_hash, time.time()),
+        )
+        note = Record(time.time(), by, "", "audit", "prune", f"through record {through}",
+                      "allowed", "done", f"{removed} records")  # fmt: skip
+        append(conn, [note])
+        return removed
+
+
 def verify(conn: Conn, head: str | None = None) -> Verdict:
-    """Recompute the chain from the first record; the first break, if any."""
-    prev, expected_seq, count = GENESIS, 1, 0
+    """Recompute the chain from its start (the anchor, if pruned); the first break, if any."""
+    start, prev = anchor(conn)
+    expected_seq, count = start + 1, 0
+
+    def broken(problem: str) -> Verdict:
+        return Verdict(False, count, prev, problem, start)
+
     for row in conn.all(f"SELECT seq, {', '.join(FIELDS)}, prev, hash FROM audit ORDER BY seq"):
         seq, values, stored_prev, stored = int(row[0]), row[1:-2], row[-2], row[-1]
-        record = Record(*values)
         if seq != expected_seq:
-            return Verdict(False, count, prev, f"record {expected_seq} is missing (next is {seq})")
+            return broken(f"record {expected_seq} is missing (next is {seq})")
         if stored_prev != prev:
-            return Verdict(False, count, prev, f"record {seq} does not follow record {seq - 1}")
-        if chain(prev, record) != stored:
-            return Verdict(False, count, prev, f"record {seq} was altered")
+            return broken(f"record {seq} does not follow record {seq - 1}")
+        if chain(prev, Record(*values)) != stored:
+            return broken(f"record {seq} was altered")
         prev, expected_seq, count = stored, seq + 1, count + 1
+    if start and not count:  # a prune always leaves its own record after the anchor
+        return broken(f"every record after the pruned ones (from {start + 1}) was removed")
     if head is not None and head != prev:
-        return Verdict(False, count, prev, "the head differs from the expected one: records "
-                                           "were removed from the end (or added)")  # fmt: skip
-    return Verdict(True, count, prev)
+        return broken("the head differs from the expected one: records were removed from the "
+                      "end (or added)")  # fmt: skip
+    return Verdict(True, count, prev, pruned=start)
 
 
 class AuditLog:

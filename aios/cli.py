@@ -784,10 +784,44 @@ def audit_verify(
     with _storage(config, database) as conn:
         verdict = verify(conn, head)
     if verdict.ok:
-        console.print(f"ok: {verdict.records} records; head {verdict.head}")
+        since = f" after record {verdict.pruned} (older ones pruned)" if verdict.pruned else ""
+        console.print(f"ok: {verdict.records} records{since}; head {verdict.head}")
         return
     err.print(f"[red]TAMPERED:[/red] {verdict.problem} ({verdict.records} records check)")
     raise typer.Exit(1)
+
+
+@audit_app.command("prune")
+def audit_prune(
+    older_than: Annotated[
+        float, typer.Option("--older-than", help="Remove records older than this many days.")
+    ],
+    yes: Annotated[bool, typer.Option("--yes", help="Remove them (else: only count).")] = False,
+    config: ConfigOpt = None,
+    database: DatabaseOpt = None,
+) -> None:
+    """Remove the oldest records; the chain resumes after them, so the rest still verifies
+    (the newest record always stays, and the pruning is itself recorded).
+
+    Example: aios audit prune --older-than 90 --yes
+    """
+    import getpass
+
+    from aios.audit import prune
+
+    if not older_than >= 0:
+        raise typer.BadParameter("--older-than must be >= 0 days")
+    before = time.time() - older_than * 86400
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name, no password entry
+        user = "unknown"
+    with _storage(config, database) as conn:
+        count = prune(conn, before, f"cli:{user}", dry_run=not yes)
+    if yes:
+        console.print(f"pruned {count} records older than {older_than:g} days")
+    else:
+        console.print(f"{count} records are older than {older_than:g} days (--yes removes them)")
 
 
 @audit_app.command("tail")

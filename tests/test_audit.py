@@ -9,7 +9,7 @@ import pytest
 from fakes import CORE_DEFAULTS, FakeFactory
 from typer.testing import CliRunner
 
-from aios.audit import Record, append, verify
+from aios.audit import Record, append, prune, verify
 from aios.cli import app
 from aios.config import CoreConfig, KernelConfig, StorageConfig
 from aios.errors import NotFound
@@ -115,3 +115,57 @@ async def test_every_syscall_is_audited(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "record 2 was altered" in result.output
     tail = CliRunner().invoke(app, ["audit", "tail", "--database", str(db)], env={"COLUMNS": "200"})
     assert tail.exit_code == 0 and "storage.write" in tail.output
+
+
+def test_pruning_keeps_the_rest_verifiable_and_tampering_detectable(url: str) -> None:
+    conn = Database.open(url).connect()
+    try:
+        assert prune(conn, before=5000.0, by="ops") == 0  # nothing to prune in an empty log
+        append(conn, records(10))  # at 1000..1009
+        assert prune(conn, before=1004.5, by="ops", dry_run=True) == 5
+        assert verify(conn).records == 10  # a dry run changes nothing
+        assert prune(conn, before=1004.5, by="ops") == 5
+        after = verify(conn)
+        assert after.ok and after.pruned == 5 and after.records == 6  # 5 left + the prune's own
+        rows = conn.all("SELECT seq, principal, kind, op FROM audit ORDER BY seq")
+        assert [r[0] for r in rows] == list(range(6, 12))
+        assert rows[-1][1:] == ("ops", "audit", "prune")
+        head = append(conn, records(2))  # appending goes on from the head
+        assert verify(conn, head=head).ok and verify(conn).records == 8
+        assert prune(conn, before=10**12, by="ops") == 7  # the newest record always stays
+        assert conn.all("SELECT seq FROM audit ORDER BY seq") == [(13,), (14,)]
+        assert verify(conn).ok and verify(conn).pruned == 12
+        conn.run("DELETE FROM audit WHERE seq = 13")  # removing past the anchor is caught
+        assert "record 13 is missing" in verify(conn).problem
+    finally:
+        conn.close()
+
+
+def test_emptying_a_pruned_log_is_detected(url: str) -> None:
+    conn = Database.open(url).connect()
+    try:
+        append(conn, records(3))
+        prune(conn, before=10**12, by="ops")  # keeps record 3, adds the prune's record 4
+        conn.run("DELETE FROM audit")  # all that is left, removed
+        emptied = verify(conn)
+        assert not emptied.ok and "every record after the pruned ones (from 3)" in emptied.problem
+    finally:
+        conn.close()
+
+
+def test_the_cli_prunes_only_with_yes(tmp_path: Path) -> None:
+    db = str(tmp_path / "aios.db")
+    conn = Database.open(db).connect()
+    try:
+        append(conn, records(4))  # timestamps from 1970: older than any number of days
+    finally:
+        conn.close()
+    cli = CliRunner()
+    counted = cli.invoke(app, ["audit", "prune", "--older-than", "30", "--database", db])
+    assert counted.exit_code == 0 and "3 records are older" in counted.output
+    pruned = cli.invoke(app, ["audit", "prune", "--older-than", "30", "--yes", "--database", db])
+    assert pruned.exit_code == 0 and "pruned 3 records" in pruned.output
+    verified = cli.invoke(app, ["audit", "verify", "--database", db])
+    assert verified.exit_code == 0 and "after record 3 (older ones pruned)" in verified.output
+    bad = cli.invoke(app, ["audit", "prune", "--older-than", "-1", "--database", db])
+    assert bad.exit_code != 0

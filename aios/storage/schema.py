@@ -17,6 +17,10 @@ _AUDIT = """CREATE TABLE audit (
     kind TEXT NOT NULL, op TEXT NOT NULL, resource TEXT NOT NULL, decision TEXT NOT NULL,
     outcome TEXT NOT NULL, detail TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL)"""
 
+_ANCHOR = """CREATE TABLE audit_anchor (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL, hash TEXT NOT NULL,
+    at {real} NOT NULL)"""
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -116,6 +120,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "audit: the hash-chained log of every syscall",
         sqlite=(_AUDIT.format(real="REAL"),),
         postgres=(_AUDIT.format(real="DOUBLE PRECISION"),),
+    ),
+    Migration(
+        4,
+        "audit_anchor: where a pruned audit log's chain resumes",
+        sqlite=(_ANCHOR.format(real="REAL"),),
+        postgres=(_ANCHOR.format(real="DOUBLE PRECISION"),),
     ),
 )
 
