@@ -65,11 +65,19 @@ class _Agent:
 
     quota: Quota
     touched: float  # last admission, release or charge: no charge in the window is later
-    slots: asyncio.Semaphore | None
+    slots: asyncio.Semaphore | None = field(init=False)  # max_parallel places (None: no limit)
     window: deque[tuple[float, int]] = field(default_factory=deque)  # (when, tokens), oldest first
     used: int = 0  # tokens in the window
     in_flight: int = 0
     waiting: int = 0
+
+    def __post_init__(self) -> None:
+        self.hold_to(self.quota)
+
+    def hold_to(self, quota: Quota) -> None:
+        """Apply ``quota``: its parallel places are a fresh semaphore."""
+        places = quota.max_parallel
+        self.quota, self.slots = quota, None if places is None else asyncio.Semaphore(places)
 
     @property
     def idle(self) -> bool:
@@ -197,11 +205,9 @@ class Quotas:
                 self._agents.move_to_end(oldest_id)
         agent = self._agents.get(agent_id)
         if agent is not None and agent.quota != quota and agent.idle:
-            slots = quota.max_parallel
-            agent.quota, agent.slots = quota, None if slots is None else asyncio.Semaphore(slots)
+            agent.hold_to(quota)
         if agent is None:
-            slots = quota.max_parallel
-            agent = _Agent(quota, now, None if slots is None else asyncio.Semaphore(slots))
+            agent = _Agent(quota, now)
             self._agents[agent_id] = agent
         else:
             agent.touched = now
