@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -23,3 +25,10 @@ def markdown(header: Sequence[str], rows: Iterable[Sequence[object]], align: str
         *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
     ]
     return "\n".join(lines)
+
+
+def medians(runs: Iterable[dict[str, Any]], keys: Iterable[str], **where: Any) -> dict[str, float]:
+    """The median of each of ``keys`` over the runs whose fields equal ``where`` (an arm and
+    a level: ``medians(runs, ["p50_ms"], arm="api", clients=10)``)."""
+    mine = [r for r in runs if all(r[field] == value for field, value in where.items())]
+    return {key: statistics.median(r[key] for r in mine) for key in keys}

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import markdown, percentile
+from common import markdown, medians, percentile
 
 from aios.config import CoreConfig, KernelConfig
 from aios.kernel import Kernel
@@ -232,15 +232,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def summarize(runs: list[dict[str, Any]], levels: list[int]) -> list[dict[str, Any]]:
     rows = []
     for clients in levels:
-        med = {
-            arm: {
-                key: statistics.median(
-                    r[key] for r in runs if r["arm"] == arm and r["clients"] == clients
-                )
-                for key in ("p50_ms", "p99_ms", "syscalls_per_s")
-            }
-            for arm in ARMS
-        }
+        keys = ("p50_ms", "p99_ms", "syscalls_per_s")
+        med = {arm: medians(runs, keys, arm=arm, clients=clients) for arm in ARMS}
         for arm in ARMS:
             rows.append(
                 {

@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import markdown
+from common import markdown, medians
 from http_overhead import core_config, settings
 
 from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig
@@ -123,17 +122,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         parent.close()
         proc.join(30)
+    keys = ("tokens_per_s", "cpu_us_per_token")
     summary = [
-        {
-            "arm": arm,
-            "agents": agents,
-            **{
-                key: statistics.median(
-                    r[key] for r in runs if r["arm"] == arm and r["agents"] == agents
-                )
-                for key in ("tokens_per_s", "cpu_us_per_token")
-            },
-        }
+        {"arm": arm, "agents": agents, **medians(runs, keys, arm=arm, agents=agents)}
         for agents in args.agents
         for arm in ARMS
     ]

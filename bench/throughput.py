@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import medians
+
 from aios.agents import get_agent, tasks_for
 from aios.config import CoreConfig, KernelConfig
 from aios.kernel import Kernel
@@ -227,7 +229,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     def med(arm: str, n: int, key: str) -> float:
-        return statistics.median(r[key] for r in runs if r["arm"] == arm and r["n"] == n)
+        return medians(runs, [key], arm=arm, n=n)[key]
 
     rows = []
     for n in args.agents:
