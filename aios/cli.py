@@ -9,10 +9,10 @@ import logging
 import runpy
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.table import Table
 
 from aios.config import POLICIES, CoreConfig, KernelConfig, StorageConfig
 from aios.errors import AIOSError, ConfigError, InvalidRequest, ModelNotFound
+
+if TYPE_CHECKING:
+    from aios.sdk.http import Client
 
 app = typer.Typer(
     help="aios: an operating system for LLM agents. Agents make system calls; the kernel "
@@ -858,13 +861,14 @@ app.add_typer(approve_app, name="approve")
 
 
 def _api_call(
-    method: str, path: str, url: str | None, token: str | None, config: str | None, **kw: Any
-) -> Any:
+    url: str | None, token: str | None, config: str | None, use: Callable[[Client], T]
+) -> T:
+    """``use(client)`` on a blocking client of the kernel at ``url``; errors as one line."""
     from aios.sdk.http import Client
 
     try:
         with Client(_url(url, config), _token(token, config), retries=1) as client:
-            return client.request(method, path, **kw)
+            return use(client)
     except AIOSError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
@@ -879,7 +883,7 @@ def approve_list(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt =
     table = Table(box=None, header_style="bold")
     for col in ("ID", "AGENT", "PROCESS", "CAPABILITY", "WHY", "WAITING s"):
         table.add_column(col)
-    for p in _api_call("GET", "/api/v1/approvals", url, token, config):
+    for p in _api_call(url, token, config, lambda c: c.request("GET", "/api/v1/approvals")):
         table.add_row(p["id"], p["principal"], p["process"], p["capability"], p["reason"],
                       f"{p['age_s']:.0f}")  # fmt: skip
     console.print(table)
@@ -896,7 +900,8 @@ def approve_allow(
 
     Example: aios approve allow ap-3
     """
-    decided = _api_call("POST", f"/api/v1/approvals/{approval_id}/allow", url, token, config)
+    path = f"/api/v1/approvals/{approval_id}/allow"
+    decided = _api_call(url, token, config, lambda c: c.request("POST", path))
     err.print(f"{decided['id']}: allowed {decided['capability']}")
 
 
@@ -911,7 +916,8 @@ def approve_deny(
 
     Example: aios approve deny ap-3
     """
-    decided = _api_call("POST", f"/api/v1/approvals/{approval_id}/deny", url, token, config)
+    path = f"/api/v1/approvals/{approval_id}/deny"
+    decided = _api_call(url, token, config, lambda c: c.request("POST", path))
     err.print(f"{decided['id']}: denied {decided['capability']}")
 
 
@@ -932,7 +938,7 @@ def tools_list(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt = N
     table = Table(box=None, header_style="bold")
     for col in ("NAME", "LIMIT", "TIMEOUT s", "HINTS", "SOURCE", "DESCRIPTION"):
         table.add_column(col)
-    for t in _api_call("POST", "/api/v1/tools/list", url, token, config, json={})["result"]:
+    for t in _api_call(url, token, config, lambda c: c.call("tools", "list", {})):
         hints = [h.removesuffix("Hint") for h, on in t["annotations"].items() if on]
         table.add_row(t["name"], str(t["concurrency"]), f"{t['timeout']:g}", ",".join(hints),
                       t["source"], t["description"].split("\n")[0][:60])  # fmt: skip
