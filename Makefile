@@ -1,24 +1,28 @@
 # The two commands: `make run` (kernel + 8 agents on the embedded model) and `make test`.
-# Both create .venv here. The first install compiles llama.cpp (~9 min on 2 cores); pip caches
-# the wheel, so later installs take seconds.
+# Both create .venv here. The first install compiles llama.cpp (~9 min on 2 cores) into a wheel
+# cache keyed by how and for which CPU it was built (~/.cache/aios/wheels), so later installs
+# take seconds. Extra CMAKE_ARGS from the environment are added to the build (and to its key).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean llama
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	@echo "installing aios (the first time this compiles llama.cpp: about 9 minutes)"
+# Every time (a second when nothing changed): llama-cpp-python built for this machine, with
+# AMX switched off on x86-64 (it faults in many VMs); rebuilt when the CPU, the compiler or
+# CMAKE_ARGS change. See aios/llm/build.py.
+llama: | $(BIN)/python
+	$(BIN)/python -m aios.llm.build
+
+$(VENV)/.installed: pyproject.toml | llama
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	@echo "installing aios with dev extras (the first time this compiles llama.cpp: about 9 minutes)"
+$(VENV)/.installed-dev: pyproject.toml | llama
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed
 

@@ -4,6 +4,7 @@ and an exit code here, at the edge; no traceback reaches the user."""
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 import runpy
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from aios.config import POLICIES, CoreConfig, KernelConfig, StorageConfig
@@ -67,6 +69,12 @@ VerboseOpt = Annotated[
 ]
 
 
+def _say_error(error: object) -> None:
+    """One error line on stderr, as written: no markup read into it, no line breaks added (a
+    command in the message stays copyable)."""
+    err.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
+
+
 def _run(coro: Coroutine[Any, Any, T], verbose: bool = False) -> T:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
@@ -75,7 +83,7 @@ def _run(coro: Coroutine[Any, Any, T], verbose: bool = False) -> T:
     try:
         return asyncio.run(coro)
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(next((c for t, c in EXIT_CODES.items() if isinstance(e, t)), 1)) from None
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -379,7 +387,7 @@ def _settings(config: str | None) -> Any:
     try:
         return load_settings(config)
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(2) from None
 
 
@@ -435,7 +443,7 @@ def serve(
     try:
         settings = load_settings(config, env)
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(2) from None
     server = settings.server
     err.print(
@@ -463,7 +471,7 @@ def agent_create(
     try:
         identity, token = identities.create(name, tuple(group or ()))
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(2) from None
     finally:
         identities.close()
@@ -498,7 +506,7 @@ def agent_revoke(name: str, config: ConfigOpt = None) -> None:
             err.print(f"[red]error:[/red] no agent named {name!r}")
             raise typer.Exit(1)
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(2) from None
     finally:
         identities.close()
@@ -518,7 +526,7 @@ def ps(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt = None) -> 
         with Client(_url(url, config), _token(token, config), retries=1) as client:
             processes = client.processes()
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(1) from None
     table = Table(box=None, header_style="bold")
     for col in (
@@ -567,7 +575,7 @@ def kill(
         with Client(_url(url, config), _token(token, config), retries=1) as client:
             process = client.kill(process_id)
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(1) from None
     err.print(f"{process['id']}: {process['state']}")
 
@@ -606,12 +614,12 @@ def _storage(config: str | None, database: str | None) -> Iterator[Any]:
     try:
         conn = db.connect()
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(2) from None
     try:
         yield conn
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(1) from None
     finally:
         conn.close()
@@ -870,7 +878,7 @@ def _api_call(
         with Client(_url(url, config), _token(token, config), retries=1) as client:
             return use(client)
     except AIOSError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _say_error(e)
         raise typer.Exit(1) from None
 
 
@@ -980,6 +988,10 @@ def mcp_serve(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt = No
 
 
 def main() -> None:
+    # A crash inside native code (llama.cpp) then prints which Python call it was in, instead
+    # of a bare "Segmentation fault". The known causes are refused before they happen
+    # (aios.llm.cpu); this is for the unknown ones.
+    faulthandler.enable()
     app()
 
 

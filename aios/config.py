@@ -35,6 +35,10 @@ class CoreConfig:
     # llama.cpp's automatic choice turns flash attention on for CPU, which decodes 15-30%
     # slower here (SmolLM2, 300-1800 token contexts, measured): off unless asked for.
     flash_attn: bool = False
+    # Use llama.cpp's AMX matmul where the library has it and the CPU advertises AMX. Off: in
+    # many VMs AMX is advertised but its first instruction faults (aios.llm.cpu), and the
+    # default build has no AMX code anyway.
+    amx: bool = False
     context_tokens: int = 16384  # the shared pool's size (kv_unified only)
     batch_tokens: int = 512
     threads: int = 0  # 0: one per CPU core

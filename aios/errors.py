@@ -33,6 +33,13 @@ class ModelLoadError(AIOSError):
     code = "model_load_error"
 
 
+class IncompatibleBuild(ModelLoadError):
+    """The installed llama.cpp would crash on this CPU (compiled for instructions it lacks, or
+    with AMX kernels where AMX faults); the message names the command that rebuilds it."""
+
+    code = "incompatible_build"
+
+
 class InvalidRequest(AIOSError):
     """A syscall's parameters are invalid; nothing was queued."""
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from aios.config import CoreConfig
 from aios.errors import CoreError, InvalidRequest, ModelLoadError
+from aios.llm import cpu
 from aios.llm.engine import ContextStore, Sampled, SeqStart, StepPlan
 from aios.llm.grammar import json_grammar
 from aios.llm.models import resolve_model
@@ -70,8 +71,14 @@ class LlamaCppEngine:
         _route_llama_logs(lc)
         path = resolve_model(config.model)
         lc.llama_backend_init()
+        # Before anything runs: a build this CPU would crash on is refused or loaded safely.
+        plan = cpu.check(lc, allow_amx=config.amx)
+        if plan.warning:
+            logging.getLogger(__name__).warning("core %r: %s", config.name, plan.warning)
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        if not plan.extra_bufts:
+            mparams.use_extra_bufts = False
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {path} (is it a GGUF file?)")
