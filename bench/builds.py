@@ -66,13 +66,6 @@ asyncio.run(main())
 """
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.machine()
-
-
 def unpack(wheel: Path, into: Path) -> Path:
     with zipfile.ZipFile(wheel) as z:
         z.extractall(into)
@@ -118,9 +111,10 @@ def main() -> None:
     table = markdown(["tokens/s (median)", a, b, f"{b}/{a}"], rows, "l")
     print(table)
     RESULTS.mkdir(exist_ok=True)
+    host = CpuFacts.of_host()
     out = {
-        "machine": cpu_model(),
-        "cpu_advertises_amx": bool(CpuFacts.of_host().flags & AMX_FLAGS),
+        "machine": host.model or platform.machine(),
+        "cpu_advertises_amx": bool(host.flags & AMX_FLAGS),
         "arms": {label: str(w) for label, w in zip(args.labels, (args.a, args.b), strict=True)},
         "runs": runs,
         "medians": med,

@@ -9,11 +9,13 @@ marked ``model`` load the installed library for real.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,7 +108,9 @@ def test_parsers_read_the_real_formats(tmp_path: Path) -> None:
         "processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: fpu avx2 amx_tile\n\n"
         "processor\t: 1\nflags\t\t: fpu avx2 amx_tile\n"
     )
-    assert CpuFacts.of_host(cpuinfo).flags == {"fpu", "avx2", "amx_tile"}
+    host = CpuFacts.of_host(cpuinfo)
+    assert host.flags == {"fpu", "avx2", "amx_tile"}
+    assert host.model == "Intel(R) Xeon(R)"
     assert CpuFacts.of_host(tmp_path / "missing").flags == frozenset()
 
 
@@ -123,7 +127,7 @@ def test_the_default_build_switches_amx_off_on_x86_only() -> None:
     assert shlex.split(build.cmake_args("x86_64", " -DGGML_BLAS=ON "))[-1] == "-DGGML_BLAS=ON"
 
 
-def spec(**changes: object) -> build.BuildSpec:
+def spec(**changes: Any) -> build.BuildSpec:
     base = build.BuildSpec(
         version="0.3.36",
         cmake_args=build.cmake_args("x86_64"),
@@ -132,7 +136,7 @@ def spec(**changes: object) -> build.BuildSpec:
         python="cpython-311",
         platform="linux-x86_64",
     )
-    return build.BuildSpec(**{**base.__dict__, **changes})  # type: ignore[arg-type]
+    return dataclasses.replace(base, **changes)
 
 
 def test_a_wheel_built_another_way_is_never_the_cached_one() -> None:

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aios.errors import IncompatibleBuild
-from aios.llm.cpu import NO_AMX_FLAGS, CpuFacts, LibraryFacts, decide
+from aios.llm.cpu import NO_AMX_FLAGS, CpuFacts, LibraryFacts, decide, is_x86
 
 PACKAGE = "llama-cpp-python"
 STAMP = ".aios-llama-build"  # in the environment's prefix: the key of what is installed
@@ -66,7 +66,7 @@ def pinned_version(pyproject: Path | None = None) -> str:
 def cmake_args(machine: str, extra: str = "") -> str:
     """The ``CMAKE_ARGS`` of the default build (scikit-build-core splits them with shlex)."""
     args = ["-DLLAVA_BUILD=OFF"]
-    if CpuFacts(machine, frozenset()).is_x86:
+    if is_x86(machine):
         args += [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
     return " ".join([shlex.join(args), *([extra.strip()] if extra.strip() else [])])
 
@@ -149,24 +149,26 @@ def cached_wheel(root: Path, key: str) -> Path | None:
     return wheels[0] if wheels else None
 
 
-def installed_stamp(prefix: Path) -> str | None:
-    """What the environment holds: the build key stamped at install, tied to the installed
-    package's files (a reinstall by other means changes them and voids the stamp)."""
+def is_current(prefix: Path, key: str) -> bool:
+    """Whether the environment holds the build of ``key``: its stamp names the key and the
+    installed package's files as they are now (a reinstall by other means voids it)."""
+    expected = _stamp_text(key)
     try:
-        text = (prefix / STAMP).read_text().strip()
+        return expected is not None and (prefix / STAMP).read_text().strip() == expected
     except OSError:
-        return None
-    return text if text == _stamp_text(text.split(" ")[0]) else None
+        return False
 
 
-def _stamp_text(key: str) -> str:
+def _stamp_text(key: str) -> str | None:
+    """``KEY VERSION MTIME`` of the installed llama_cpp package; ``None`` if there is none."""
     try:
         spec = importlib.util.find_spec("llama_cpp")
-        origin = spec.origin if spec else None
-        mtime = os.stat(origin).st_mtime_ns if origin else 0
+        if spec is None or spec.origin is None:
+            return None
+        mtime = os.stat(spec.origin).st_mtime_ns
         version = importlib.metadata.version(PACKAGE)
     except (OSError, importlib.metadata.PackageNotFoundError):
-        return ""
+        return None
     return f"{key} {version} {mtime}"
 
 
@@ -206,8 +208,10 @@ def inspect_installed(python: str) -> LibraryFacts:
         "f['features'] = sorted(f['features'])\n"
         "print(json.dumps(f))\n"
     )
-    src = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    # aios itself (installed or not yet) first, then whatever the caller had
+    extra = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    path = [str(Path(__file__).resolve().parents[2]), *filter(None, extra)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     done = subprocess.run(
         [python, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
@@ -234,8 +238,7 @@ def ensure(spec: BuildSpec, *, prefix: Path, root: Path, force: bool = False) ->
     """Make the environment at ``prefix`` hold the llama-cpp-python of ``spec``'s key, from
     the wheel cache at ``root`` (compiling into it if needed); returns what was done."""
     key = spec.key()
-    stamp = installed_stamp(prefix)
-    if not force and stamp is not None and stamp.split(" ")[0] == key:
+    if not force and is_current(prefix, key):
         return "up to date"
     wheel = cached_wheel(root, key)
     how = "installed the cached wheel"
@@ -253,8 +256,11 @@ def ensure(spec: BuildSpec, *, prefix: Path, root: Path, force: bool = False) ->
         # guard still keeps the weights off the AMX buffer type where the CPU advertises AMX.
         note = plan.warning or "this CPU does not advertise AMX, so none of it runs here"
         print(f"aios: warning: this llama.cpp has AMX kernels ({spec.compiler}): {note}")
+    stamp = _stamp_text(key)
+    if stamp is None:
+        raise BuildError(f"{PACKAGE} is not importable after installing {wheel}")
     try:
-        (prefix / STAMP).write_text(_stamp_text(key) + "\n")
+        (prefix / STAMP).write_text(stamp + "\n")
     except OSError as e:  # not ours to write (a system Python): checked again next time
         print(f"aios: warning: could not record the build key in {prefix}: {e}")
     return how

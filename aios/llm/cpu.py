@@ -56,6 +56,11 @@ def rebuild_command(version: str) -> str:
     )
 
 
+def is_x86(machine: str) -> bool:
+    """``machine`` as ``platform.machine()`` spells it."""
+    return machine.lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 @dataclass(frozen=True)
 class CpuFacts:
     """What the CPU advertises. ``flags`` is empty where they cannot be read (not Linux):
@@ -63,27 +68,37 @@ class CpuFacts:
 
     machine: str
     flags: frozenset[str]
+    model: str = ""  # e.g. "Intel(R) Xeon(R) Processor @ 2.00GHz"; for reports
 
     @property
     def is_x86(self) -> bool:
-        return self.machine.lower() in ("x86_64", "amd64", "i386", "i686")
+        return is_x86(self.machine)
 
     @classmethod
     def of_host(cls, cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuFacts:
         try:
-            text = cpuinfo.read_text(errors="replace")
+            fields = cpuinfo_fields(cpuinfo.read_text(errors="replace"))
         except OSError:
-            text = ""
-        return cls(platform.machine(), parse_cpuinfo_flags(text))
+            fields = {}
+        return cls(
+            platform.machine(),
+            frozenset(fields.get("flags", "").split()),
+            fields.get("model name", ""),
+        )
 
 
-def parse_cpuinfo_flags(text: str) -> frozenset[str]:
-    """The first ``flags`` line of /proc/cpuinfo (every core advertises the same set)."""
+def cpuinfo_fields(text: str) -> dict[str, str]:
+    """The first core's ``key : value`` lines of /proc/cpuinfo (every core advertises the
+    same flags)."""
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        if not sep:
+            if fields:
+                break  # the blank line after the first core
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 @dataclass(frozen=True)
