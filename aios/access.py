@@ -9,7 +9,10 @@ group ``default`` and the groups of its credential. A call no pattern grants is 
 Some granted calls still need a person: those matching an ``approve`` pattern, calls of tools
 annotated destructive, and changes to another agent's (shared) files. They wait in the
 approval queue (``aios approve list|allow|deny``) until decided or until their deadline, which
-means denied. One check at syscall entry covers every kind of syscall (``Kernel.submit`` and
+means denied. No group skips approval by its name: only the groups the policy lists in
+``exempt`` do, and each skip is audited as ``exempt``. Group names the kernel gives meaning to
+(``RESERVED_GROUPS``, and the exempt groups) cannot be claimed by a credential. One check at
+syscall entry covers every kind of syscall (``Kernel.submit`` and
 ``Kernel.llm_stream``).
 """
 
@@ -19,15 +22,17 @@ import asyncio
 import fnmatch
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from aios.config import AccessConfig
 from aios.errors import NotFound
+from aios.identity import RESERVED_GROUPS as RESERVED_GROUPS
 from aios.quota import Quota
 from aios.storage.files import Principal
 
-Decision = Literal["allowed", "denied", "approve"]
+Decision = Literal["allowed", "denied", "approve", "exempt"]
 WRITES = frozenset({"write", "delete", "mkdir", "move", "rollback"})
 
 
@@ -69,11 +74,14 @@ class Access:
         self.config = config or AccessConfig()
         self.pending: dict[str, Pending] = {}
         self._ids = itertools.count(1)
+        # Called with each new pending call (the CLI asks the person at its terminal).
+        self.on_ask: Callable[[Pending], None] | None = None
 
     def decide(
         self, who: Principal, cap: str, *, destructive: bool = False, shared_write: bool = False
     ) -> tuple[Decision, str]:
-        """Pure: the decision for ``who`` doing ``cap``, and why."""
+        """Pure: the decision for ``who`` doing ``cap``, and why. Approvals apply to every
+        agent, except members of the policy's ``exempt`` groups ("exempt", audited as such)."""
         groups = ("default", *sorted(who.groups))
         granted = [(g, p) for g in groups for p in self.config.groups.get(g, ()) if matches(p, cap)]
         if not granted:
@@ -81,17 +89,24 @@ class Access:
                 "denied",
                 f"no capability of {who.name!r} (groups {', '.join(groups)}) grants {cap}",
             )
-        if "*" in self.config.groups.get("admin", ()) and "admin" in who.groups:
-            return "allowed", "admin"
+        needs = self._needs_approval(cap, destructive, shared_write)
+        if needs is None:
+            group, pattern = granted[0]
+            return "allowed", f"{pattern} (group {group})"
+        exempt = next((g for g in groups if g in self.config.exempt), None)
+        if exempt is not None:
+            return "exempt", f"group {exempt} is exempt from approval ({needs})"
+        return "approve", needs
+
+    def _needs_approval(self, cap: str, destructive: bool, shared_write: bool) -> str | None:
         for pattern in self.config.approve:
             if matches(pattern, cap):
-                return "approve", f"the policy asks approval for {pattern}"
+                return f"the policy asks approval for {pattern}"
         if destructive and self.config.approve_destructive_tools:
-            return "approve", "the tool is annotated destructive"
+            return "the tool is annotated destructive"
         if shared_write and self.config.approve_shared_writes:
-            return "approve", "it changes another agent's files"
-        group, pattern = granted[0]
-        return "allowed", f"{pattern} (group {group})"
+            return "it changes another agent's files"
+        return None
 
     def quota(self, who: Principal, default: Quota) -> Quota:
         """``who``'s LLM quota: the most generous of its groups' quotas, else ``default``."""
@@ -107,6 +122,8 @@ class Access:
         )  # fmt: skip
         self.pending[pending.id] = pending
         pending.decided.add_done_callback(lambda _: self.pending.pop(pending.id, None))
+        if self.on_ask is not None:
+            self.on_ask(pending)
         return pending
 
     def resolve(self, approval_id: str, allow: bool) -> Pending:

@@ -266,9 +266,9 @@ async def _run_agents(n: int, agent: str, config: KernelConfig) -> None:
         f"({stats.prefill_tokens} prefilled); {stats.preemptions} pre-emptions, "
         f"{stats.parked} idle contexts parked, {stats.unparked} restored"
     )
-    if any(p.name == "writer" for p in procs) and not kernel.resources.ephemeral:
+    if any(p.name == "writer" for p in procs) and kernel.database is not None:
         console.print(
-            f"Writers' drafts and notes are in {kernel.resources.db.redacted()}: "
+            f"Writers' drafts and notes are in {kernel.database}: "
             "aios storage ls writer drafts; aios memory search writer TOPIC"
         )
     if failed:
@@ -582,11 +582,13 @@ def kill(
 
 # -- memory and storage, read from the kernel's database (as the agent) -----------------------
 storage_app = typer.Typer(
-    help="Agents' versioned files, straight from the kernel's database (works while it runs).",
+    help="Agents' versioned files, through the kernel's access check and audit log (works "
+    "while a server runs on the same database).",
     no_args_is_help=True,
 )
 memory_app = typer.Typer(
-    help="Agents' memory notes, straight from the kernel's database.", no_args_is_help=True
+    help="Agents' memory notes, through the kernel's access check and audit log.",
+    no_args_is_help=True,
 )
 app.add_typer(storage_app, name="storage")
 app.add_typer(memory_app, name="memory")
@@ -603,14 +605,12 @@ DatabaseOpt = Annotated[
 
 @contextmanager
 def _storage(config: str | None, database: str | None) -> Iterator[Any]:
-    """A connection to the kernel's database (never creates one), errors as messages."""
+    """A connection to the kernel's database (never creates one), errors as messages. For the
+    audit log's own commands only: agents' data goes through :func:`_operate`."""
     from aios.storage.db import Database
 
-    url = database or _settings(config).kernel.storage.database
+    url = _database_url(config, database)
     db = Database.open(url)
-    if db.path is not None and not Path(db.path).exists():
-        err.print(f"[red]error:[/red] no database at {db.path} (has aios serve run?)")
-        raise typer.Exit(2)
     try:
         conn = db.connect()
     except AIOSError as e:
@@ -623,6 +623,90 @@ def _storage(config: str | None, database: str | None) -> Iterator[Any]:
         raise typer.Exit(1) from None
     finally:
         conn.close()
+
+
+def _database_url(config: str | None, database: str | None) -> str:
+    """The configured database; an error if it is a SQLite file that does not exist yet."""
+    from aios.storage.db import Database
+
+    url = database or _settings(config).kernel.storage.database
+    path = Database.open(url).path
+    if path is not None and not Path(path).exists():
+        err.print(f"[red]error:[/red] no database at {path} (has aios serve run?)")
+        raise typer.Exit(2)
+    return str(url)
+
+
+def _operator() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name, no password entry
+        return "unknown"
+
+
+def _operate(
+    agent: str, config: str | None, database: str | None, kind: str, op: str, args: dict[str, Any]
+) -> Any:
+    """One memory or storage syscall on ``agent``'s data, made by the person at this terminal
+    through the kernel's one checked path: the configured access policy (as ``agent``, with
+    its credential's groups), approvals (asked here), limits and the audit log, where the
+    process is named ``cli:USER``. Works beside a running server (the database is shared)."""
+    import dataclasses
+
+    from aios.identity import check_name
+    from aios.kernel import Kernel
+
+    try:
+        check_name(agent)
+    except AIOSError as e:
+        _say_error(e)
+        raise typer.Exit(2) from None
+    settings = _settings(config)
+    storage = dataclasses.replace(settings.kernel.storage, database=_database_url(config, database))
+    kernel_config = dataclasses.replace(settings.kernel, storage=storage, mcp=())
+    groups = _groups_of(settings, agent)
+
+    async def go() -> Any:
+        async with Kernel(kernel_config, llm=False) as kernel:
+            kernel.access.on_ask = _ask_here
+            process = kernel.register(f"cli:{_operator()}", owner=agent, pid=f"cli:{_operator()}")
+            process.groups = groups
+            return await kernel.resource(process, kind, op, args)
+
+    try:
+        return asyncio.run(go())
+    except AIOSError as e:
+        _say_error(e)
+        raise typer.Exit(EXIT_CODES.get(type(e), 1)) from None
+
+
+def _groups_of(settings: Any, agent: str) -> frozenset[str]:
+    """The groups of ``agent``'s credential (none for an agent without one)."""
+    from aios.identity import RESERVED_GROUPS, Identities
+    from aios.server.main import DB_FILE
+
+    path = settings.server.data_path / DB_FILE
+    if not path.exists():
+        return frozenset()
+    identities = Identities(path, RESERVED_GROUPS | set(settings.kernel.access.exempt))
+    try:
+        found = [i for i in identities.list() if i.name == agent]
+    finally:
+        identities.close()
+    return frozenset(found[0].groups) if found else frozenset()
+
+
+def _ask_here(pending: Any) -> None:
+    """A call that needs approval: the person at the terminal decides (no terminal: denied)."""
+    if not sys.stdin.isatty():
+        err.print(f"{escape(pending.capability)} needs approval ({escape(pending.reason)}): "
+                  "denied (no terminal to ask on)")  # fmt: skip
+        pending.decided.set_result(False)
+        return
+    question = f"{pending.capability} needs approval ({pending.reason}). Allow?"
+    pending.decided.set_result(typer.confirm(question, default=False, err=True))
 
 
 def _when(stamp: float) -> str:
@@ -643,17 +727,15 @@ def storage_ls(
 
     Example: aios storage ls alice notes -r
     """
-    from aios.storage.files import Files, Principal
-
-    with _storage(config, database) as conn:
-        entries = Files().ls(conn, Principal(agent), path, recursive=recursive)
+    entries = _operate(agent, config, database, "storage", "ls",
+                       {"path": path, "recursive": recursive})  # fmt: skip
     table = Table(box=None, header_style="bold")
     for col in ("PATH", "KIND", "SIZE", "VERSION", "MODIFIED"):
         table.add_column(col)
     for e in entries:
-        size = str(e.size) if e.kind == "file" else "-"
-        table.add_row(e.path + ("/" if e.kind == "dir" else ""), e.kind, size,
-                      str(e.version or "-"), _when(e.modified))  # fmt: skip
+        size = str(e["size"]) if e["kind"] == "file" else "-"
+        table.add_row(e["path"] + ("/" if e["kind"] == "dir" else ""), e["kind"], size,
+                      str(e["version"] or "-"), _when(e["modified"]))  # fmt: skip
     console.print(table)
 
 
@@ -669,12 +751,8 @@ def storage_cat(
 
     Example: aios storage cat alice notes/today.md --version 12
     """
-    import sys
-
-    from aios.storage.files import Files, Principal
-
-    with _storage(config, database) as conn:
-        found = Files().read(conn, Principal(agent), path, version=version)
+    found = _operate(agent, config, database, "storage", "read",
+                     {"path": path, "version": version})  # fmt: skip
     sys.stdout.buffer.write(found["content"])
     sys.stdout.flush()
 
@@ -691,16 +769,14 @@ def storage_history(
 
     Example: aios storage history alice notes/today.md
     """
-    from aios.storage.files import Files, Principal
-
-    with _storage(config, database) as conn:
-        versions = Files().history(conn, Principal(agent), path, limit=limit)
+    versions = _operate(agent, config, database, "storage", "history",
+                        {"path": path, "limit": limit})  # fmt: skip
     table = Table(box=None, header_style="bold")
     for col in ("VERSION", "OP", "SIZE", "WHEN", "BY", "SHA-256"):
         table.add_column(col)
     for v in versions:
-        table.add_row(str(v.id), v.op, str(v.size) if v.hash else "-", _when(v.at), v.author,
-                      (v.hash or "(deleted)")[:16])  # fmt: skip
+        table.add_row(str(v["id"]), v["op"], str(v["size"]) if v["hash"] else "-",
+                      _when(v["at"]), v["author"], (v["hash"] or "(deleted)")[:16])  # fmt: skip
     console.print(table)
 
 
@@ -720,17 +796,15 @@ def storage_rollback(
 
     Example: aios storage rollback alice notes/today.md --at "2026-11-22 09:30"
     """
-    from aios.storage.files import Files, Principal
-
     if (version is None) == (at is None):
         raise typer.BadParameter("give exactly one of --version or --at")
     stamp = None if at is None else _timestamp(at)
-    with _storage(config, database) as conn:
-        stat = Files().rollback(conn, Principal(agent), path, version=version, at=stamp)
+    stat = _operate(agent, config, database, "storage", "rollback",
+                    {"path": path, "version": version, "at": stamp})  # fmt: skip
     if stat is None:
         err.print(f"{path}: rolled back to a deletion (the file is gone; its history stays)")
     else:
-        err.print(f"{path}: now version {stat.version} ({stat.size} bytes)")
+        err.print(f"{path}: now version {stat['version']} ({stat['size']} bytes)")
 
 
 def _timestamp(text: str) -> float:
@@ -758,17 +832,16 @@ def memory_search(
 
     Example: aios memory search alice "meeting tuesday"
     """
-    from aios.memory.notes import Notes
-
     if not 1 <= limit <= 10_000:
         raise typer.BadParameter("--limit must be in [1, 10000]")
-    with _storage(config, database) as conn:
-        hits = Notes().search(conn, agent, query, None, limit)
+    hits = _operate(agent, config, database, "memory", "search", {"query": query, "limit": limit})
     table = Table(box=None, header_style="bold")
     for col in ("ID", "SCORE", "TEXT", "METADATA"):
         table.add_column(col)
-    for note, score in hits:
-        table.add_row(str(note.id), f"{score:.3g}", note.text[:120], json.dumps(note.metadata))
+    for hit in hits:
+        note = hit["note"]
+        table.add_row(str(note["id"]), f"{hit['score']:.3g}", note["text"][:120],
+                      json.dumps(note["metadata"]))  # fmt: skip
     console.print(table)
 
 
@@ -816,19 +889,13 @@ def audit_prune(
 
     Example: aios audit prune --older-than 90 --yes
     """
-    import getpass
-
     from aios.audit import prune
 
     if not older_than >= 0:
         raise typer.BadParameter("--older-than must be >= 0 days")
     before = time.time() - older_than * 86400
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no login name, no password entry
-        user = "unknown"
     with _storage(config, database) as conn:
-        count = prune(conn, before, f"cli:{user}", dry_run=not yes)
+        count = prune(conn, before, f"cli:{_operator()}", dry_run=not yes)
     if yes:
         console.print(f"pruned {count} records older than {older_than:g} days")
     else:
@@ -955,15 +1022,17 @@ def tools_list(url: UrlOpt = None, token: TokenOpt = None, config: ConfigOpt = N
 
 @tools_app.command("sandbox")
 def tools_sandbox() -> None:
-    """Which sandbox code tools (python) would run in on this machine: exit 0 if bubblewrap,
-    1 if only the weaker namespaces, 2 if none (code tools are then disabled).
+    """Which sandbox code tools (python) would run in on this machine, and whether they run:
+    exit 0 if bubblewrap, 1 if only the weaker namespaces (code tools are then off unless an
+    operator opts in, unsafe: AIOS_UNSAFE_SANDBOX=1), 2 if none (code tools are off).
 
     Example: aios tools sandbox
     """
     from aios.tools.sandbox import Sandbox
 
     found = Sandbox.detect()
-    console.print(found.describe())
+    console.print(found.describe(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"code tools: {'on' if found.enabled else 'off'}", highlight=False)
     raise typer.Exit({"bubblewrap": 0, "namespaces": 1}.get(found.kind, 2))
 
 

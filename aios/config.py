@@ -49,6 +49,11 @@ class CoreConfig:
     max_parked: int = 64  # idle contexts kept in the snapshot store (0: drop instead)
     snapshot_ram_mb: int = 512  # pre-empted contexts beyond this spill to disk
     spill_dir: str | None = None  # None: a private temporary directory
+    # Run llama.cpp in a child process (aios.llm.isolated): a crash in native code (an abort,
+    # a segfault) then fails the calls of the step it hit, and the core reloads the model,
+    # instead of killing the kernel and every agent. Costs a socket round trip per step (small
+    # against a decode step; see docs/architecture.md) and a model reload per crash.
+    isolate: bool = True
 
     def __post_init__(self) -> None:
         if (
@@ -81,6 +86,8 @@ class CoreConfig:
             raise ConfigError(f"core {self.name!r}: cache_tokens and max_parked must be >= 0")
         if self.snapshot_ram_mb < 0:
             raise ConfigError(f"core {self.name!r}: snapshot_ram_mb must be >= 0")
+        if not isinstance(self.isolate, bool):
+            raise ConfigError(f"core {self.name!r}: isolate must be true or false")
         if self.kv_unified and self.max_sequence_tokens > self.context_tokens:
             raise ConfigError(
                 f"core {self.name!r}: max_sequence_tokens ({self.max_sequence_tokens}) exceeds "
@@ -269,6 +276,9 @@ class AccessConfig:
 
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=_default_groups)
     approve: tuple[str, ...] = ()  # capability patterns that need approval
+    # Groups whose members skip approvals (each skip is audited as "exempt"); none by default,
+    # the admin's calls included. These names cannot be claimed by a credential.
+    exempt: tuple[str, ...] = ()
     approve_destructive_tools: bool = True
     approve_shared_writes: bool = True  # changes to another agent's files
     approval_timeout: float = 300.0  # at most this long in the queue (and the call's deadline)
@@ -287,6 +297,10 @@ class AccessConfig:
                 raise ConfigError(f"access.groups.{group} must be a list of capability patterns")
         if not self.approval_timeout > 0:
             raise ConfigError("access.approval_timeout must be > 0 seconds")
+        if isinstance(self.exempt, str) or not all(isinstance(g, str) for g in self.exempt):
+            raise ConfigError("access.exempt must be a list of group names")
+        if "default" in self.exempt:
+            raise ConfigError("access.exempt cannot name 'default' (every agent is in it)")
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,20 @@ class CoreError(AIOSError):
     code = "core_error"
 
 
+class EngineCrashed(CoreError):
+    """The engine's process died in the middle of a step (an abort or a segfault in native
+    code): the KV of every call on it is gone. ``slot`` is the sequence it was working on
+    (``None``: a batch-wide call such as decode), ``key`` the context it was saving, if any. The
+    core fails the call that crashed it, starts a fresh engine and runs the others again."""
+
+    code = "engine_crashed"
+
+    def __init__(self, message: str, *, slot: int | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.slot = slot
+        self.key = key
+
+
 class CoreUnavailable(CoreError):
     """The core cannot serve at all right now (its server is unreachable or stopped
     answering); a router resubmits the call to another core."""

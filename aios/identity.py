@@ -18,12 +18,16 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from aios.errors import ConfigError, InvalidRequest
 
 ADMIN = "admin"
+# Groups the kernel gives meaning to: everyone's, and the admin identity's (the server grants
+# it to the admin token only). A policy's ``exempt`` groups are reserved too.
+RESERVED_GROUPS: frozenset[str] = frozenset({"default", ADMIN})
 TOKEN_PREFIX = "aios_"
 MAX_CACHED = 10_000  # known tokens kept in memory (only valid ones: random tokens add nothing)
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
@@ -61,8 +65,10 @@ def digest(token: str) -> str:
 class Identities:
     """The identity table (one SQLite file). Short transactions, safe beside a running server."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, reserved: Iterable[str] = RESERVED_GROUPS) -> None:
         self.path = Path(path)
+        # Groups with powers by their name: no credential may claim them.
+        self.reserved = frozenset(reserved)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -87,6 +93,11 @@ class Identities:
             raise InvalidRequest(f"the name {ADMIN!r} is reserved for the admin identity")
         for group in groups:
             check_name(group, "group name")
+            if group in self.reserved:
+                raise InvalidRequest(
+                    f"the group {group!r} is reserved (the kernel gives it powers by its name); "
+                    "grant capabilities through a group of your own in [kernel.access.groups]"
+                )
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         try:
             self._db.execute(
@@ -128,7 +139,7 @@ class Identities:
         ).fetchone()
         if row is None:
             return None
-        identity = Identity(row[0], tuple(g for g in row[1].split(",") if g), bool(row[2]))
+        identity = self._identity(row[0], row[1], row[2])
         if writes == self._writes and len(self._known) < MAX_CACHED:
             self._known[key] = identity
         return identity
@@ -140,7 +151,12 @@ class Identities:
 
     def list(self) -> list[Identity]:
         rows = self._db.execute("SELECT name, groups, admin FROM identities ORDER BY name")
-        return [Identity(n, tuple(g for g in gs.split(",") if g), bool(a)) for n, gs, a in rows]
+        return [self._identity(n, gs, a) for n, gs, a in rows]
+
+    def _identity(self, name: str, groups: str, admin: int) -> Identity:
+        """A stored identity; a reserved group stored before it was reserved is ignored."""
+        claimed = tuple(g for g in groups.split(",") if g and g not in self.reserved)
+        return Identity(name, claimed, bool(admin))
 
     def revoke(self, name: str) -> bool:
         """Delete an identity: its token stops working at once. False if there was none."""

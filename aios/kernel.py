@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack, aclosing
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,7 +42,9 @@ from aios.resources import ResourceCall, Resources, target
 from aios.scheduler import make_policy
 from aios.storage.files import Principal
 from aios.syscall import Completion, LLMCall, LLMRequest, MemoryUse, Message, Syscall
+from aios.tools.manager import ToolStats
 from aios.tools.registry import ToolRegistry
+from aios.tools.spec import ToolContext
 
 if TYPE_CHECKING:
     from aios.sdk.agent import Agent
@@ -54,10 +56,16 @@ MAX_FINISHED = 4096  # finished processes and syscalls kept for inspection (ps, 
 
 
 def llamacpp_engine(config: CoreConfig) -> Engine:
-    """The default engine factory: llama.cpp, imported only when a core starts."""
-    from aios.llm.llamacpp import LlamaCppEngine
+    """The default engine factory: llama.cpp, imported only when a core starts; in a child
+    process of its own unless ``config.isolate`` is off (see aios.llm.isolated)."""
+    from aios.llm.llamacpp import LlamaCppEngine, LlamaTokenizer
 
-    return LlamaCppEngine(config)
+    if not config.isolate:
+        return LlamaCppEngine(config)
+    from aios.llm.isolated import IsolatedEngine
+
+    build = functools.partial(LlamaCppEngine, config)
+    return IsolatedEngine(config, build, LlamaTokenizer.load(config))
 
 
 class Kernel:
@@ -68,8 +76,15 @@ class Kernel:
         engine_factory: EngineFactory = llamacpp_engine,
         clock: Callable[[], float] = time.monotonic,
         tools: ToolRegistry | None = None,
+        llm: bool = True,
+        hidden: Iterable[str] = (),
     ) -> None:
+        """``llm=False``: start no LLM core (nor MCP server); the kernel serves memory,
+        storage and tool syscalls only (the CLI's data commands). ``hidden``: directories the
+        built-in code tools' sandbox must never show (the server's data directory); the
+        database's directory and the cores' spill directories are always hidden."""
         self.config = config or KernelConfig()
+        self._llm = llm
         self.cores: dict[str, Core] = {}
         self.processes: dict[str, AgentProcess] = {}
         self._engine_factory = engine_factory
@@ -79,37 +94,58 @@ class Kernel:
         self._loops: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[AgentProcess]] = set()
         self.syscalls: dict[str, tuple[Syscall, AgentProcess]] = {}
-        # The database under memory and storage (a private temporary SQLite file unless
-        # ``config.storage.database`` names one).
-        self.resources = Resources(self.config.storage, self.config.memory, tools)
-        self.audit = AuditLog(self.resources.db)  # every syscall, hash-chained
+        # The memory, storage and tool managers and their database (a private temporary SQLite
+        # file unless ``config.storage.database`` names one). Private: every operation on an
+        # agent's data reaches them only through submit(), after the access check.
+        spills = [
+            c.spill_dir for c in self.config.cores if isinstance(c, CoreConfig) and c.spill_dir
+        ]
+        self._resources = Resources(
+            self.config.storage, self.config.memory, tools, hidden=[*hidden, *spills]
+        )
+        self.audit = AuditLog(self._resources.db)  # every syscall, hash-chained
         self.access = Access(self.config.access)  # capabilities and approvals
         self._mcp: AsyncExitStack | None = None  # the MCP servers' sessions
         self._background: set[asyncio.Future[Any]] = set()
 
+    @property
+    def tools(self) -> ToolRegistry:
+        """The tools the kernel runs (register more before agents call them)."""
+        return self._resources.tools.registry
+
+    @property
+    def tool_stats(self) -> dict[str, ToolStats]:
+        return self._resources.tools.stats
+
+    @property
+    def database(self) -> str | None:
+        """The database memory and storage live in (password redacted); None if it is a
+        private temporary one that goes away with the kernel."""
+        return None if self._resources.ephemeral else self._resources.db.redacted()
+
     # -- lifespan --------------------------------------------------------------------------
     async def __aenter__(self) -> Kernel:
-        await self.resources.start()
+        await self._resources.start()
         self.audit.start()
-        if self.config.mcp:  # MCP servers' tools join the registry (stopped at exit)
+        if self.config.mcp and self._llm:  # MCP servers' tools join the registry (until exit)
             from aios.tools.mcp import connect
 
             self._mcp = AsyncExitStack()
             try:
-                await connect(self.config.mcp, self.resources.tools.registry, self._mcp)
+                await connect(self.config.mcp, self._resources.tools.registry, self._mcp)
             except BaseException:
                 await self._mcp.aclose()
                 await self.audit.close()
-                await self.resources.close()
+                await self._resources.close()
                 raise
         try:
-            for cfg in self.config.cores:  # load every model before anything runs
+            for cfg in self.config.cores if self._llm else ():  # every model loads first
                 if isinstance(cfg, RouterConfig):
                     continue  # built below, over the cores it names
                 core = self._build_core(cfg)
                 self.cores[cfg.name] = core
                 await core.start()
-            for cfg in self.config.cores:
+            for cfg in self.config.cores if self._llm else ():
                 if isinstance(cfg, RouterConfig):
                     members = [self.cores[name] for name in cfg.cores]
                     self.cores[cfg.name] = Router(cfg, members, self.clock)
@@ -118,7 +154,7 @@ class Kernel:
             if self._mcp is not None:
                 await self._mcp.aclose()
             await self.audit.close()
-            await self.resources.close()
+            await self._resources.close()
             raise
         # One TaskGroup owns the kernel's long-lived tasks (the cores' decode loops).
         self._tasks = asyncio.TaskGroup()
@@ -144,7 +180,7 @@ class Kernel:
         if self._mcp is not None:
             await self._mcp.aclose()
         await self.audit.close()
-        await self.resources.close()
+        await self._resources.close()
 
     def _build_core(self, cfg: CoreConfig | RemoteCoreConfig) -> Core:
         policy = make_policy(
@@ -167,14 +203,23 @@ class Kernel:
 
     # -- processes -------------------------------------------------------------------------
     def register(
-        self, name: str, task: str = "", *, owner: str | None = None, external: bool = False
+        self,
+        name: str,
+        task: str = "",
+        *,
+        owner: str | None = None,
+        external: bool = False,
+        pid: str | None = None,
     ) -> AgentProcess:
-        """Create a process-table entry; its id is the identity of every syscall it makes."""
+        """Create a process-table entry; its id (``pid``, else a fresh one; ``@OWNER`` for an
+        external agent) names every syscall it makes in the audit log."""
         process = AgentProcess(
             name=name, task=task, started=self.clock(), owner=owner, external=external
         )
         if external:
             process.id = f"@{owner}"
+        elif pid is not None:
+            process.id = pid
         self.processes[process.id] = process
         self._prune(self.processes, MAX_FINISHED, lambda p: p.state.finished)
         return process
@@ -292,7 +337,7 @@ class Kernel:
         budget = self._budget(timeout)
         who = process.principal
         try:
-            self.resources.op(kind, op)
+            self._resources.check(kind, op, args)
             decision, reason = self._decide(who, kind, op, args)
         except AIOSError as e:
             self._audit(process, kind, op, target(kind, op, args), "rejected", e.code)
@@ -303,14 +348,32 @@ class Kernel:
         request = ResourceCall(process.id, self.clock(), kind, op)
         request.resource = target(kind, op, args)
         request.job.deadline = time.monotonic() + budget
-        work = self.resources.call(who, kind, op, args, request.job)
+        context = self._tool_context(process, request) if kind == "tools" else None
+        work = self._resources.call(who, kind, op, args, request.job, context)
         if decision == "approve":
             work = self._approved(process, request, reason, work, args)
+        elif decision == "exempt":  # the policy lets its group skip the approval: audited so
+            request.decision = "exempt"
         request.work = asyncio.ensure_future(work)
         self._background.add(request.work)
         request.work.add_done_callback(self._settled)
         self._track(process, request)
         return request
+
+    def _tool_context(self, process: AgentProcess, request: ResourceCall) -> ToolContext:
+        """What a tool called by ``process`` may do as its caller: memory and storage
+        syscalls through :meth:`resource` (the same access check, approvals, audit and
+        deadline as the agent's own), within what is left of the tool call's deadline."""
+
+        async def syscall(kind: str, op: str, args: dict[str, Any]) -> Any:
+            if kind not in ("memory", "storage"):
+                raise InvalidRequest("a tool makes memory and storage calls only")
+            left = (request.job.deadline or time.monotonic()) - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"{request.id} has no time left for {kind}.{op}")
+            return await self.resource(process, kind, op, args, timeout=left)
+
+        return ToolContext(process.principal.name, syscall)
 
     async def settle(self, process: AgentProcess, request: ResourceCall) -> Any:
         """Wait for a submitted memory or storage syscall: its result or its typed error.
@@ -361,8 +424,8 @@ class Kernel:
         resource = ""
         if kind == "tools" and op == "call":
             resource = str(args.get("name", ""))
-            if resource in self.resources.tools.registry:
-                spec = self.resources.tools.registry.get(resource)
+            if resource in self._resources.tools.registry:
+                spec = self._resources.tools.registry.get(resource)
                 destructive = spec.annotations.destructive
         elif kind == "storage":
             owner = args.get("owner")
@@ -387,12 +450,12 @@ class Kernel:
         cap = f"{request.kind}.{request.op}:{request.resource}"
         who = process.principal
         if request.kind == "storage" and "owner" in args:
-            files, owner = self.resources.files, args["owner"]
+            files, owner = self._resources.files, args["owner"]
             places: list[Any] = [args[k] for k in ("path", "src", "dst") if k in args]
             try:
                 for place in places:
                     check = functools.partial(files.writable, who=who, owner=owner, path=place)
-                    await self.resources.db.run(check, request.job)
+                    await self._resources.db.run(check, request.job)
             except BaseException:
                 work.close()
                 raise
@@ -493,7 +556,7 @@ class Kernel:
         if memory is not None and memory.fits:
             try:
                 async with asyncio.timeout_at(deadline):
-                    call, fitted = await self._from_memory(process, core, call, memory)
+                    call, fitted = await self._from_memory(process, core, call, memory, deadline)
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"reading {process.id}'s memory took the whole {budget:g}s; "
@@ -553,23 +616,30 @@ class Kernel:
                     self.quotas.charge(process.id, request.usage.total_tokens, quota)
 
     async def _from_memory(
-        self, process: AgentProcess, core: Core, call: LLMCall, memory: MemoryUse
+        self, process: AgentProcess, core: Core, call: LLMCall, memory: MemoryUse, deadline: float
     ) -> tuple[LLMCall, Fitted]:
-        """``call`` with the agent's history and recalled notes, fitted to the context."""
+        """``call`` with the agent's history and recalled notes, fitted to the context. Both
+        are ordinary memory syscalls of the agent (access-checked, approved, audited)."""
         if not call.messages:
             raise InvalidRequest("memory works with chat calls (messages), not a raw prompt")
-        owner = process.principal.name
-        manager = self.resources.memory
-        turns = await manager.history(owner, 500) if memory.history else []
+        loop = asyncio.get_running_loop()
+
+        async def read(op: str, args: dict[str, Any]) -> Any:
+            left = max(deadline - loop.time(), 1e-3)
+            return await self.resource(process, "memory", op, args, timeout=left)
+
+        turns: list[dict[str, Any]] = []
+        if memory.history:
+            turns = await read("history", {"limit": 500})
         notes: list[tuple[int, str]] = []
         query = next((m.content for m in reversed(call.messages) if m.role == "user"), "")
         if memory.recall and any(c.isalnum() for c in query):
-            found = await manager.search(owner, query, limit=memory.recall)
-            notes = [(hit["note"].id, hit["note"].text) for hit in found]
+            found = await read("search", {"query": query, "limit": memory.recall})
+            notes = [(hit["note"]["id"], hit["note"]["text"]) for hit in found]
         count, budget, exact = self._measure(core, call)
         fitted = fit(
             call.messages,
-            [Message.coerce({"role": t.role, "content": t.content}) for t in turns],
+            [Message.coerce({"role": t["role"], "content": t["content"]}) for t in turns],
             notes,
             count,
             budget,
@@ -597,14 +667,14 @@ class Kernel:
         if call.prompt is not None:
             turns.append(("user", call.prompt))
         turns.append(("assistant", completion.text))
-        try:
-            async with asyncio.timeout_at(deadline):  # a caller who leaves does not cut it short
-                await asyncio.shield(self.resources.memory.remember(process.principal.name, turns))
-        except TimeoutError:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
             raise DeadlineExceeded(
-                "the answer came, but recording it in the history passed the deadline "
-                "(it may still be recorded)"
-            ) from None
+                "the answer came, but no time was left to record it in the history"
+            )
+        # A caller who leaves does not cut it short: the history stays whole.
+        request = self.submit(process, "memory", "remember", {"turns": turns}, timeout=left)
+        await asyncio.shield(self.settle(process, request))
 
     def _track(self, process: AgentProcess, syscall: Syscall) -> None:
         process.inflight.append(syscall)

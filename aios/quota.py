@@ -153,6 +153,11 @@ class Quotas:
         agent = self._agents.get(agent_id)
         return 0 if agent is None else agent.in_flight
 
+    def waiting(self, agent_id: str) -> int:
+        """The agent's calls waiting for a ``max_parallel`` place (not yet on any core)."""
+        agent = self._agents.get(agent_id)
+        return 0 if agent is None else agent.waiting
+
     def __len__(self) -> int:
         """Agents with quota state held (for memory checks)."""
         return len(self._agents)

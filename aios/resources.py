@@ -17,12 +17,13 @@ import inspect
 import secrets
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from aios.config import MemoryConfig, StorageConfig
 from aios.errors import InvalidRequest, NotFound
+from aios.identity import check_name
 from aios.memory.manager import MemoryManager
 from aios.storage.db import Database, Job
 from aios.storage.files import Files, Principal
@@ -54,7 +55,7 @@ class ResourceCall(Syscall):
         self.job = Job()
         self.work: asyncio.Future[Any] | None = None  # the manager's work (see Kernel.submit)
         self.resource = ""  # what it touches, for the audit log (see target)
-        self.decision = "allowed"  # the access manager's: allowed, approved, rejected
+        self.decision = "allowed"  # the access manager's: allowed, exempt, approved, rejected
 
 
 class Resources:
@@ -65,7 +66,11 @@ class Resources:
         storage: StorageConfig,
         memory: MemoryConfig,
         tools: ToolRegistry | None = None,
+        *,
+        hidden: Iterable[str] = (),
     ) -> None:
+        """``hidden``: paths the built-in code tools must never show (besides the database's
+        directory); used when ``tools`` is not given."""
         self._tmp: Path | None = None
         url = storage.database
         if not url:  # a real SQLite database, private to this kernel's lifetime (created at start)
@@ -76,7 +81,8 @@ class Resources:
         )
         self.files = Files(storage)
         self.memory = MemoryManager(self.db, memory)
-        self.tools = ToolManager(tools or ToolRegistry(builtin_tools()))
+        secret = [*hidden, *([str(self.db.path.parent)] if self.db.path is not None else [])]
+        self.tools = ToolManager(tools or ToolRegistry(builtin_tools(secret)))
 
     @property
     def ephemeral(self) -> bool:
@@ -129,27 +135,44 @@ class Resources:
             return list_tools
 
         async def call_tool(
-            who: Principal, name: str, arguments: dict[str, Any] | None = None, *, job: Job
+            who: Principal,
+            name: str,
+            arguments: dict[str, Any] | None = None,
+            *,
+            job: Job,
+            context: ToolContext,
         ) -> Any:
-            async def syscall(kind: str, op: str, args: dict[str, Any]) -> Any:
-                if kind not in ("memory", "storage"):
-                    raise InvalidRequest("a tool makes memory and storage calls only")
-                return await self.call(who, kind, op, args, job)
-
-            return await tools.call(ToolContext(who.name, syscall), name, arguments, job)
+            return await tools.call(context, name, arguments, job)
 
         call_tool.__signature__ = _tail(inspect.signature(call_tool))  # type: ignore[attr-defined]
         return call_tool
 
+    def check(self, kind: str, name: str, args: Any) -> None:
+        """Raise as :meth:`call` would for an unknown operation or arguments that do not fit
+        it (nothing runs): the kernel checks this before deciding or asking anyone."""
+        bind(f"{kind}.{name}", self.op(kind, name), args)
+        owner = args.get("owner") if kind == "storage" else None
+        if owner is not None:
+            check_name(owner, "owner")
+
     async def call(
-        self, who: Principal, kind: str, name: str, args: dict[str, Any], job: Job
+        self,
+        who: Principal,
+        kind: str,
+        name: str,
+        args: dict[str, Any],
+        job: Job,
+        context: ToolContext | None = None,
     ) -> Any:
-        """Run one operation; its result as JSON values (and bytes)."""
+        """Run one operation; its result as JSON values (and bytes). Only the kernel calls
+        this, after its access check (``Kernel.submit``); a tool call gets the ``context``
+        the kernel made for its caller, whose own syscalls go through that check again."""
         fn = self.op(kind, name)
         bound = bind(f"{kind}.{name}", fn, args)
         if kind == "storage" and name == "write":
             bound.arguments["content"] = content(bound.arguments.get("content"))
-        return jsonable(await fn(who, *bound.args, job=job, **bound.kwargs))
+        extra = {"context": context} if (kind, name) == ("tools", "call") else {}
+        return jsonable(await fn(who, *bound.args, job=job, **bound.kwargs, **extra))
 
 
 def target(kind: str, op: str, args: dict[str, Any]) -> str:
@@ -171,7 +194,7 @@ def target(kind: str, op: str, args: dict[str, Any]) -> str:
 def _tail(signature: inspect.Signature) -> inspect.Signature:
     """An operation's parameters as a caller gives them (without conn/who/owner-self/job)."""
     params = list(signature.parameters.values())
-    skip = {"self", "conn", "who", "job"}
+    skip = {"self", "conn", "who", "job", "context"}
     if params and params[0].name == "owner" and params[0].default is inspect.Parameter.empty:
         params = params[1:]  # memory: the owner is always the caller
     return signature.replace(parameters=[p for p in params if p.name not in skip])
@@ -182,7 +205,9 @@ def bind(name: str, fn: Op, args: Any) -> inspect.BoundArguments:
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise InvalidRequest(f"{name}: arguments must be an object")
     signature = inspect.signature(fn)
-    allowed = [p for p in signature.parameters if p not in ("who", "args", "kwargs", "job")]
+    allowed = [
+        p for p in signature.parameters if p not in ("who", "args", "kwargs", "job", "context")
+    ]
     extra = sorted(set(args) - set(allowed))
     if extra:
         raise InvalidRequest(

@@ -57,10 +57,17 @@ class Message:
         return Message(role, content)  # type: ignore[arg-type]  # checked against ROLES
 
 
+# Below this a temperature is greedy (0): at 1e-4, logits 0.01 apart already differ in
+# probability by e^100, so sampling could only differ from greedy on exact ties, while far
+# smaller values overflow float32 logits (1e-40 made llama.cpp's grammar sampler abort).
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to generate. ``max_tokens=None`` means: as many as the context allows, up to the
-    core's default. ``temperature=0`` is greedy decoding (deterministic)."""
+    core's default. ``temperature=0`` is greedy decoding (deterministic), and so is any
+    temperature below ``MIN_TEMPERATURE`` (normalized to 0 here, on every route)."""
 
     max_tokens: int | None = None
     temperature: float = 0.0
@@ -83,6 +90,8 @@ class SamplingParams:
                 raise InvalidRequest(f"{name} must be a number, got {getattr(self, name)!r}")
         if not 0.0 <= self.temperature <= 10.0:
             raise InvalidRequest(f"temperature must be in [0, 10], got {self.temperature!r}")
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
@@ -317,6 +326,26 @@ class LLMRequest(Syscall):
         super().preempt()
         self.preemptions += 1
         self.slot = None
+
+    restarts = 0  # times restart() ran (a core restarts a call at most once)
+
+    def restart(self) -> None:
+        """Back to the queue to run again from scratch: the engine that held its KV, and
+        everything it generated, is gone. Keeps its submit and first admission times."""
+        assert not self.status.finished, self.status
+        self.status = Status.QUEUED
+        self.restarts += 1
+        self.output_tokens = []
+        self.text = ""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.finish_reason = None
+        self.n_prefilled = self.kv_len = self.reused_tokens = 0
+        self.slot = None
+        self.snapshot = None
+        self.defer_on = None
+        self.defer_n = 0
+        self.admitted_at_output = 0
+        self.timings.first_token = None
 
     @property
     def run_tokens(self) -> int:

@@ -30,7 +30,6 @@ from aios.config import CoreConfig, KernelConfig
 from aios.kernel import Kernel
 from aios.sdk.llm import LLM
 from aios.sdk.local import LocalClient
-from aios.storage.db import Job
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,9 +63,7 @@ async def main_async(model: str) -> dict[str, Any]:
             start = time.perf_counter()
             answer = await agent.run(task)
             try:
-                found = await kernel.resources.call(
-                    process.principal, "storage", "read", {"path": path}, Job()
-                )
+                found = await kernel.resource(process, "storage", "read", {"path": path})
                 stored = bytes(found["content"]).decode()
             except Exception:
                 stored = None

@@ -190,7 +190,7 @@ def test_approvals_over_http(tmp_path: Path) -> None:
     with serve(tmp_path / "data") as server:
         kernel_ = server.srv.kernel
         assert kernel_ is not None
-        kernel_.resources.tools.registry.register(wipe_all)
+        kernel_.tools.register(wipe_all)
         asyncio.run(approvals_over_http(server.url, server.agent("alice"), server.admin))
 
 
@@ -211,7 +211,7 @@ def test_the_cli_lists_tools_and_decides_approvals(tmp_path: Path) -> None:
     with serve(tmp_path / "data") as server:
         kernel_ = server.srv.kernel
         assert kernel_ is not None
-        kernel_.resources.tools.registry.register(wipe_all)
+        kernel_.tools.register(wipe_all)
         agent = server.agent("alice")
         as_agent = ["--url", server.url, "--token", agent]
         as_admin = ["--url", server.url, "--token", server.admin]

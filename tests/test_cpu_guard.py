@@ -275,7 +275,8 @@ async def _ask_paris() -> str:
         messages=(Message("user", "What is the capital of France?"),),
         params=SamplingParams(max_tokens=16),
     )
-    config = KernelConfig(cores=(CoreConfig(name="m", slots=1, cache_slots=0),))
+    # In process: the guard's fabricated facts (monkeypatched) do not reach an isolated child.
+    config = KernelConfig(cores=(CoreConfig(name="m", slots=1, cache_slots=0, isolate=False),))
     async with Kernel(config) as k:
         return (await k.llm(k.register("t"), call)).text
 
@@ -318,12 +319,22 @@ def test_the_engine_refuses_a_build_this_cpu_cannot_run(monkeypatch: pytest.Monk
 
 @pytest.mark.model
 def test_aios_chat_says_what_is_wrong_instead_of_crashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
     from typer.testing import CliRunner
 
-    from aios.cli import app
+    from aios import cli
 
     _on_a_cpu_without_the_builds_instructions(monkeypatch)
-    result = CliRunner().invoke(app, ["chat", "What is the capital of France?"])
+    real = cli._kernel_config
+
+    def in_process(*args: Any, **kwargs: Any) -> Any:  # where the fabricated facts apply
+        config = real(*args, **kwargs)
+        cores = tuple(dataclasses.replace(c, isolate=False) for c in config.cores)
+        return dataclasses.replace(config, cores=cores)
+
+    monkeypatch.setattr(cli, "_kernel_config", in_process)
+    result = CliRunner().invoke(cli.app, ["chat", "What is the capital of France?"])
     assert result.exit_code == 1, result.output
     assert "compiled for instructions this CPU does not have" in result.output
     assert "pip install --force-reinstall" in result.output

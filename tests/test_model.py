@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from aios.config import CoreConfig, KernelConfig
 from aios.context import SnapshotStore
 from aios.errors import ContextOverflow, InvalidRequest, ModelNotFound
 from aios.kernel import Kernel, llamacpp_engine
-from aios.llm.core import LLMCore
+from aios.llm.core import LLMCore, standalone
 from aios.llm.engine import BatchItem, SeqStart, StepPlan
 from aios.scheduler import FIFO
 from aios.syscall import Completion, LLMCall, Message, SamplingParams, Status
@@ -220,20 +219,12 @@ async def test_gemma_base_model_loads_and_completes() -> None:
 # -- context switch and KV reuse on the real model ------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def real_core(policy: Any = None, **overrides: Any) -> AsyncIterator[LLMCore]:
+def real_core(
+    policy: Any = None, **overrides: Any
+) -> contextlib.AbstractAsyncContextManager[LLMCore]:
     """An embedded core on SmolLM2 with a given policy (FIFO by default)."""
     config = CoreConfig(name="m", **{"slots": 4, **overrides})
-    core = LLMCore(config, lambda: llamacpp_engine(config), policy or FIFO())
-    await core.start()
-    loop = asyncio.create_task(core.run())
-    try:
-        yield core
-    finally:
-        loop.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop
-        await core.close()
+    return standalone(LLMCore(config, lambda: llamacpp_engine(config), policy or FIFO()))
 
 
 STORY = chat("Write a long story about a lighthouse keeper.", max_tokens=60, ignore_eos=True)
@@ -302,3 +293,15 @@ async def test_kv_reuse_continues_a_conversation_like_a_fresh_prefill() -> None:
 
 def chat_messages(messages: list[Message], max_tokens: int) -> LLMCall:
     return LLMCall(messages=tuple(messages), params=SamplingParams(max_tokens=max_tokens))
+
+
+async def test_json_at_a_temperature_too_small_to_sample_from_is_greedy() -> None:
+    """The in-process route of the attack run's request (it aborted the process before)."""
+    async with kernel(2) as k:
+        proc = k.register("tiny")
+        asked = chat("Give me a JSON object.", json=True, temperature=1e-40, max_tokens=8)
+        assert asked.params.greedy
+        tiny, normal = await asyncio.gather(
+            k.llm(proc, asked), k.llm(proc, chat("Name three colors.", max_tokens=8))
+        )
+        assert tiny.text and normal.text

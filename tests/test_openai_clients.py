@@ -234,3 +234,41 @@ def test_langchain_agent_runs_unchanged(server: BackgroundServer) -> None:
     assert isinstance(final.content, str) and final.content.strip()
     calls, tokens = usage_of(server, "langchain")
     assert calls == 2 and tokens > 0  # both calls scheduled and metered as this agent
+
+
+TINY = [  # the attack run's requests that aborted the kernel (constrained JSON, t ~ 1e-40)
+    ("/api/v1/llm/chat", {"messages": [{"role": "user", "content": "Give me a JSON object."}],
+                          "json": True, "temperature": 1e-40, "max_tokens": 8}),
+    ("/api/v1/llm/chat", {"messages": [{"role": "user", "content": "A person as JSON."}],
+                          "json_schema": {"type": "object",
+                                          "properties": {"n": {"type": "string"}}},
+                          "temperature": 1e-40, "max_tokens": 8}),
+    ("/api/v1/llm/complete", {"prompt": "JSON:", "json": True, "temperature": 1e-42,
+                              "max_tokens": 8}),
+    ("/v1/chat/completions", {"model": "smollm2", "temperature": 1e-40, "max_tokens": 8,
+                              "messages": [{"role": "user", "content": "Give me a JSON object."}],
+                              "response_format": {"type": "json_object"}}),
+    ("/v1/chat/completions", {"model": "smollm2", "temperature": 1e-40, "max_tokens": 16,
+                              "messages": [{"role": "user", "content": "Weather in Paris?"}],
+                              "tools": [WEATHER]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body"), TINY)
+def test_a_temperature_too_small_to_sample_from_is_greedy_on_every_route(
+    server: BackgroundServer, path: str, body: dict[str, object]
+) -> None:
+    token = new_agent(server, f"tiny-{len(path)}-{len(json.dumps(body))}")
+    headers = {"authorization": f"Bearer {token}"}
+    answered = httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+    assert answered.status_code == 200, answered.text
+    assert _answer(answered.json())  # an answer, under the grammar, from greedy decoding
+    alive = httpx.get(f"{server.url}/api/v1/cores", headers=headers, timeout=10)
+    assert alive.status_code == 200 and alive.json()[0]["queued"] == 0
+
+
+def _answer(body: dict[str, object]) -> object:
+    if "choices" in body:
+        (choice,) = body["choices"]  # type: ignore[misc]
+        return choice["message"]
+    return body["result"]["text"]  # type: ignore[index]

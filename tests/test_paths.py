@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 import string
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from aios.storage.paths import (
     under,
 )
 
+FORBIDDEN = {"Cc", "Cf", "Zl", "Zp", "Cs"}  # what no path may contain, by Unicode category
 NAME_CHARS = string.ascii_lowercase + string.digits + "._-%~ é"
 NAME = st.text(alphabet=NAME_CHARS, min_size=1, max_size=6).filter(lambda s: s not in (".", ".."))
 NORMAL = st.lists(NAME, max_size=5).map("/".join)  # already normal paths ("" is the root)
@@ -56,7 +58,7 @@ def test_normalize_is_idempotent_and_its_output_is_normal(path: str) -> None:
     assert not normal.startswith("/") and not normal.endswith("/")
     assert "//" not in normal and not normal.startswith("./") and "/./" not in normal
     assert all(part not in ("", ".", "..") for part in components(normal))
-    assert not any(ord(c) < 32 or ord(c) == 127 or c == "\\" for c in normal)
+    assert not any(unicodedata.category(c) in FORBIDDEN or c == "\\" for c in normal)
     assert len(normal.encode()) <= MAX_PATH_BYTES and len(components(normal)) <= MAX_DEPTH
     # the same names in the same order: normalizing only drops "" and "." components
     assert components(normal) == [p for p in path.split("/") if p not in ("", ".")]
@@ -103,10 +105,65 @@ def test_normal_forms(path: str, normal: str) -> None:
     assert normalize(path) == normal
 
 
+@pytest.mark.parametrize(
+    ("char", "name"),
+    [
+        ("\x00", "<control>"), ("\x1f", "<control>"), ("\x7f", "<control>"),
+        ("\x85", "<control>"), ("\x9f", "<control>"), ("\xad", "SOFT HYPHEN"),
+        ("\u200b", "ZERO WIDTH SPACE"), ("\u200d", "ZERO WIDTH JOINER"),
+        ("\u200e", "LEFT-TO-RIGHT MARK"), ("\u202e", "RIGHT-TO-LEFT OVERRIDE"),
+        ("\u2066", "LEFT-TO-RIGHT ISOLATE"), ("\ufeff", "ZERO WIDTH NO-BREAK SPACE"),
+        ("\u2028", "LINE SEPARATOR"), ("\u2029", "PARAGRAPH SEPARATOR"),
+        ("\U000e0001", "LANGUAGE TAG"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("where", ["{}", "a{}b", "dir/{}.txt", "{}/file", "ok/ok/x{}"])
+def test_control_and_format_characters_are_refused_by_code_point(
+    char: str, name: str, where: str
+) -> None:
+    """Every character of categories Cc, Cf, Zl and Zp, in any component: the error names the
+    code point, and the message itself carries no raw control or bidirectional character."""
+    assert unicodedata.category(char) in FORBIDDEN
+    with pytest.raises(InvalidRequest) as caught:
+        normalize(where.format(char))
+    message = str(caught.value)
+    assert f"U+{ord(char):04X} ({name}), a control or format character" in message
+    assert message.isprintable()
+
+
+@settings(max_examples=200)
+@given(
+    name=st.text(alphabet=NAME_CHARS, min_size=1, max_size=6),
+    char=st.characters(categories=["Cc", "Cf", "Zl", "Zp"]),
+    at=st.integers(0, 6),
+)
+def test_any_control_or_format_character_anywhere_is_refused(name: str, char: str, at: int) -> None:
+    with pytest.raises(InvalidRequest, match=f"U\\+{ord(char):04X} "):
+        normalize(name[:at] + char + name[at:])
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["é", "café/résumé.md", "日本/語.txt", "😀", "notes/🎉party🎉", "Ελληνικά/ü ñ", "עברית",
+     "العربية/ملف", "नमस्ते", "a\u00a0b", "combining/e\u0301", "flag/🇫🇷", "heart/❤\ufe0f"],
+)  # fmt: skip
+def test_ordinary_non_ascii_names_are_kept_as_given(path: str) -> None:
+    """Letters, marks, symbols, emoji (with a variation selector, a Mn) and no-break spaces are
+    not control or format characters: kept exactly (no Unicode normalization)."""
+    assert normalize(path) == path
+    assert normalize(path + "/") == path
+
+
+def test_emoji_joined_with_zwj_is_refused_like_any_format_character() -> None:
+    """U+200D (ZERO WIDTH JOINER) is Cf: a joined emoji sequence is not a valid name."""
+    with pytest.raises(InvalidRequest, match="U\\+200D"):
+        normalize("family/👨\u200d👩\u200d👧")
+
+
 def test_a_lone_surrogate_is_an_invalid_request_not_a_crash() -> None:
     """JSON can carry "\\ud800"; it cannot be encoded, so it is not a path."""
     for path in ("\ud800", "a/\udfff", "ok/" + "\ud800" * 3):
-        with pytest.raises(InvalidRequest):
+        with pytest.raises(InvalidRequest, match="lone surrogate"):
             normalize(path)
 
 

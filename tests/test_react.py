@@ -12,7 +12,6 @@ from aios.config import CoreConfig, KernelConfig
 from aios.kernel import Kernel
 from aios.sdk.llm import LLM
 from aios.sdk.local import LocalClient
-from aios.storage.db import Job
 
 pytestmark = pytest.mark.model
 
@@ -35,16 +34,14 @@ async def test_math_agent_uses_the_calculator_and_gets_it_right(kernel: Kernel) 
     assert number_in(answer) == 10063
     calls = [c for step in agent.trace for c in step.get("calls", [])]
     assert calls and all(c["name"] == "calculator" for c in calls)
-    assert kernel.resources.tools.stats["calculator"].calls >= 1
+    assert kernel.tool_stats["calculator"].calls >= 1
 
 
 async def test_file_agent_writes_and_reads_its_storage(kernel: Kernel) -> None:
     process = kernel.register("filer", owner="filer-test")
     agent = FileAgent(LocalClient(kernel, process))
     answer = await agent.run("Save 'buy milk' in the file todo.txt, then read todo.txt.")
-    found = await kernel.resources.call(
-        process.principal, "storage", "read", {"path": "todo.txt"}, Job()
-    )
+    found = await kernel.resource(process, "storage", "read", {"path": "todo.txt"})
     assert found["content"] == b"buy milk"
     assert "buy milk" in answer
     names = [c["name"] for step in agent.trace for c in step.get("calls", [])]

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from fakes import CORE_DEFAULTS, FakeEngine, FakeFactory
 
-from aios.config import CoreConfig, KernelConfig
+from aios.config import AccessConfig, CoreConfig, KernelConfig, StorageConfig
 from aios.errors import (
     ConfigError,
     InvalidRequest,
@@ -126,16 +126,22 @@ def serve(
     *,
     server: dict[str, Any] | None = None,
     quota: Quota | None = None,
+    access: AccessConfig | None = None,
+    keep: bool = False,
     **core: Any,
 ) -> Iterator[Harness]:
     """A server on a fake engine replying ``reply``; ``server`` and ``core`` override the
-    ServerConfig and the CoreConfig (CORE_DEFAULTS) fields, ``quota`` is each agent's."""
+    ServerConfig and the CoreConfig (CORE_DEFAULTS) fields, ``quota`` is each agent's,
+    ``access`` the policy; ``keep``: memory, storage and audit in DATA_DIR/aios.db (else a
+    private database that goes with the server)."""
     settings = Settings(
         ServerConfig(port=0, data_dir=str(data_dir), shutdown_grace=2.0, **(server or {})),
         KernelConfig(
             cores=(CoreConfig(name="fake", model="fake", **{**CORE_DEFAULTS, **core}),),
             syscall_timeout=30.0,
             quota=quota or Quota(),
+            access=access or AccessConfig(),
+            storage=StorageConfig(database=str(data_dir / "aios.db") if keep else ""),
         ),
     )
     factory = FakeFactory(lambda prompt: reply)
@@ -882,6 +888,43 @@ def raw_post(harness: Harness, path: str, token: str, body: dict[str, Any]) -> s
     return sock
 
 
+def test_an_unexpected_error_is_one_500_and_the_connection_stays_open(server: Harness) -> None:
+    class Broken(dict[str, Any]):
+        def items(self) -> Any:
+            raise RuntimeError("a bug in a route")
+
+    kernel_ = server.srv.kernel
+    assert kernel_ is not None
+    kernel_.cores, cores = Broken(), kernel_.cores
+    try:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        head = f"Host: {host}\r\nAuthorization: Bearer {server.admin}\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            replies = []
+            for path in ("/api/v1/cores", "/api/v1/whoami"):  # one connection, two requests
+                sock.sendall(f"GET {path} HTTP/1.1\r\n{head}".encode())
+                replies.append(read_response(sock))
+    finally:
+        kernel_.cores = cores
+    (status, headers, body), (again, _, _) = replies
+    assert status == 500 and json.loads(body)["error"]["type"] == "internal_error"
+    assert "a bug" not in body and headers.get("connection") != "close"
+    assert again == 200
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], str]:
+    """One HTTP/1.1 response with a Content-Length: status, headers, body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    while len(rest) < int(headers["content-length"]):
+        rest += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, rest.decode()
+
+
 @pytest.mark.parametrize("path", [CHAT, OPENAI_CHAT])
 def test_client_leaving_a_non_streamed_call_cancels_it(server: Harness, path: str) -> None:
     token = server.agent("alice")
@@ -1035,6 +1078,26 @@ def test_inflight_limit_per_agent(make_server: ServerFactory) -> None:
         assert first.result(timeout=5).status_code == 200
         assert other.result(timeout=5).status_code == 200
     assert harness.client(alice).post(CHAT, json=chat()).status_code == 200
+
+
+def test_calls_waiting_for_a_quota_place_are_seen_and_counted(make_server: ServerFactory) -> None:
+    """A call waiting for a max_parallel place is in no core's queue: the process shows it as
+    quota_waiting, and it counts towards the server's in-flight limit."""
+    harness = make_server(server={"max_inflight_per_agent": 2}, quota=Quota(max_parallel=1))
+    alice = harness.agent("alice")
+    gate = harness.hold()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(harness.client(alice).post, CHAT, json=chat())
+        inflight_of(harness, alice, "@alice")
+        second = pool.submit(harness.client(alice).post, CHAT, json=chat())
+        waiting = wait_for(lambda: harness.usage("@alice")["quota_waiting"], what="a quota wait")
+        assert waiting == 1 and harness.core()["queued"] + harness.core()["active"] == 1
+        third = harness.client(alice).post(CHAT, json=chat())
+        assert third.status_code == 429 and "quota place" in third.text
+        gate.set()
+        assert first.result(timeout=5).status_code == 200
+        assert second.result(timeout=5).status_code == 200
+    assert harness.usage("@alice")["quota_waiting"] == 0
 
 
 def test_max_tokens_cap(make_server: ServerFactory) -> None:

@@ -22,7 +22,7 @@ from aios.config import CoreConfig, KernelConfig
 from aios.context import SnapshotStore
 from aios.errors import AIOSError, ConfigError, CoreError
 from aios.kernel import Kernel
-from aios.llm.core import LLMCore
+from aios.llm.core import LLMCore, standalone
 from aios.llm.engine import BatchItem, KVCopy, Sampled, SeqRestore, SeqSave, SeqStart, StepPlan
 from aios.llm.simulated import (
     EOG,
@@ -352,17 +352,8 @@ async def test_kv_bookkeeping_follows_the_fake_engines_rules() -> None:
 
 @contextlib.asynccontextmanager
 async def running_core(cfg: CoreConfig, eng: Any, policy: Any = None) -> AsyncIterator[LLMCore]:
-    core = LLMCore(cfg, lambda: eng, policy or FIFO())
-    async with asyncio.timeout(10):
-        await core.start()
-        loop = asyncio.create_task(core.run())
-        try:
-            yield core
-        finally:
-            loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
-            await core.close()
+    async with asyncio.timeout(10), standalone(LLMCore(cfg, lambda: eng, policy or FIFO())) as core:
+        yield core
 
 
 async def test_preempted_requests_continue_exactly_on_the_simulated_core() -> None:

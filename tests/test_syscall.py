@@ -322,3 +322,23 @@ async def test_transitions_are_checked() -> None:
 
 async def test_ids_are_unique() -> None:
     assert len({request().id for _ in range(50)}) == 50
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ({"type": "string", "maxLength": 10**7}, "maxLength must be <= 8192"),
+        ({"type": "array", "items": {"type": "string", "minLength": 10**9}}, "minLength"),
+        ({"type": "object", "properties": {"a": {"type": "array", "maxItems": 9000}}}, "maxItems"),
+    ],
+)
+def test_a_schema_whose_grammar_would_be_huge_is_refused_at_once(
+    schema: dict[str, Any], says: str
+) -> None:
+    """Such a grammar was built on the event loop (maxLength 10**7: 80 MB, the server stalled);
+    the bound is checked on the schema, before anything is built."""
+    import json
+
+    with pytest.raises(InvalidRequest, match=says):
+        SamplingParams(json_schema=json.dumps(schema))
+    assert SamplingParams(json_schema=json.dumps({"type": "string", "maxLength": 64})).json_output

@@ -17,16 +17,22 @@ recently used first when a slot or KV cells are needed; an agent's slots go when
 Pre-emption. A pre-empted request's KV is saved into the snapshot store (RAM, spilling to
 disk) with its sampler parked; re-admitted, it is restored into any free slot and goes on
 exactly where it stopped (the token sampled last is never in the KV yet, so no logits are lost).
+
+Crashes. An engine in a process of its own (``aios.llm.isolated``) raises ``EngineCrashed`` when
+that process dies mid-step: the call it was working on fails, the others that had KV in it go
+back to the head of the queue to start again from scratch (once, and only if their caller has
+seen nothing of the answer yet), and the core builds a fresh engine with its factory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,7 @@ from aios.errors import (
     AIOSError,
     ContextOverflow,
     CoreError,
+    EngineCrashed,
     InvalidRequest,
     KernelShutdown,
     Overloaded,
@@ -87,6 +94,9 @@ class CoreStats:
     restores: int = 0
     parked: int = 0  # idle contexts saved out of the KV cache
     unparked: int = 0  # ... and restored for their agent's next call
+    crashes: int = 0  # engine processes that died mid-step (isolated engines)
+    restarts: int = 0  # fresh engines started after a crash
+    retried: int = 0  # calls started again from scratch after a crash
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -125,6 +135,7 @@ class LLMCore:
         self._engine_factory = engine_factory
         self._clock = clock
         self._engine: Engine | None = None
+        self._retired: list[Engine] = []  # crashed engines, closed once a fresh one took over
         # One thread owns the model: llama.cpp contexts are not thread-safe, and two
         # inference threads on a small machine fight for the same cores.
         self._thread = ThreadPoolExecutor(
@@ -171,12 +182,36 @@ class LLMCore:
             # Start-up was cancelled mid-load: never block the event loop waiting for it.
             self._thread.shutdown(wait=False)
             return
-        # Queued behind any step still running on the thread, so it never races it.
+        # Queued behind any step (or engine restart) still running on the thread, so it never
+        # races it.
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._engine.close)
+        await loop.run_in_executor(self._thread, self._close_engines)
         await loop.run_in_executor(self._thread, self.snapshots.close)
         self._engine = None
         self._thread.shutdown(wait=True)
+
+    async def _replace_engine(self) -> None:
+        """A fresh engine for a crashed one (a model reload, on the core's thread). If it cannot
+        start, the error ends the loop and ``run`` marks the core dead."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._swap_engine)
+        self.stats.restarts += 1
+        # Closed only now: a submit tokenizing on the event loop during the reload used it.
+        await loop.run_in_executor(self._thread, self._close_engines, False)
+
+    def _swap_engine(self) -> None:
+        """(Core's thread.) Build a fresh engine and put it in place of the current one."""
+        fresh = self._engine_factory()
+        if self._engine is not None:
+            self._retired.append(self._engine)
+        self._engine = fresh
+
+    def _close_engines(self, current: bool = True) -> None:
+        """(Core's thread.) Close the retired engines, and the current one if ``current``."""
+        while self._retired:
+            self._retired.pop().close()
+        if current and self._engine is not None:
+            self._engine.close()
 
     # -- syscall entry ---------------------------------------------------------------------
     def submit(self, agent: str, call: LLMCall, *, priority: int = 0, kind: str = "") -> LLMRequest:
@@ -254,7 +289,6 @@ class LLMCore:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        engine = self.engine
         while True:
             plan = self._schedule()
             if plan is None:
@@ -264,8 +298,12 @@ class LLMCore:
             started = time.perf_counter()
             try:
                 sampled = await loop.run_in_executor(
-                    self._thread, engine.step, plan, self.snapshots
+                    self._thread, self.engine.step, plan, self.snapshots
                 )
+            except EngineCrashed as e:  # the engine's process died: its KV went with it
+                self._recover(plan, e)
+                await self._replace_engine()
+                continue
             except AIOSError as e:
                 self._fail_plan(plan, e)
                 continue
@@ -568,21 +606,78 @@ class LLMCore:
         for slot in slots:
             request = self._by_slot.get(slot)
             if request is not None:
-                self._unbind(request)
-                self.stats.failed += 1
-                request.fail(now, error)
+                self._fail(request, now, error)
         saved = {s.key for s in plan.saves}
         for request in [r for r in self._waiting if r.snapshot in saved]:
-            self._waiting.remove(request)
-            self._discard_snapshot(request)
-            self.stats.failed += 1
-            request.fail(now, error)
+            self._fail(request, now, error)
         # A failed step may have left copies or trims half done: cached KV is suspect, and
         # contexts it was parking may not have reached the store.
         for slot in list(self._cached):
             self._evict(slot, park=False)
         for agent in [a for a, p in self._parked.items() if p.key in saved]:
             del self._parked[agent]
+
+    def _fail(self, request: LLMRequest, now: float, error: AIOSError) -> None:
+        self._withdraw(request)
+        self.stats.failed += 1
+        request.fail(now, error)
+
+    def _withdraw(self, request: LLMRequest) -> None:
+        """Take a queued or running request off the core (its slot or its snapshot freed)."""
+        if request.status is Status.QUEUED:
+            self._waiting.remove(request)
+            self._discard_snapshot(request)
+        else:
+            self._unbind(request)
+
+    def _recover(self, plan: StepPlan, error: EngineCrashed) -> None:
+        """The engine's process died running ``plan``: every slot, cached KV and snapshot is
+        gone. The call that crashed it fails (every call in the plan when the engine could not
+        say which), the others that had KV in it run again (``_retry_lost``), queued calls
+        that never ran are untouched, and the core forgets every cached and parked context."""
+        now, failed = self._clock(), self.stats.failed
+        self.stats.crashes += 1
+        culprit = self._culprit(plan, error)
+        if culprit is not None:
+            self._fail(culprit, now, error)
+        elif error.slot is None and error.key is None:  # no telling who: the whole step fails
+            self._fail_plan(plan, error)
+        retried = self._retry_lost(now, error)
+        for slot in list(self._cached):
+            self._evict(slot, park=False)
+        # The operations planned on the dead engine's KV are void; only the drops remain, so
+        # that a store the engine shares with the core forgets what the dead engine saved.
+        drops = [*self._next.drops, *(p.key for p in self._parked.values())]
+        self._parked.clear()
+        self._next = StepPlan(drops=drops)
+        assert len(self._free_slots) == self.config.kv_sequences and not self._reserved_kv
+        log.warning("%s; %d calls run again, %d failed", error, retried, self.stats.failed - failed)
+
+    def _retry_lost(self, now: float, error: EngineCrashed) -> int:
+        """Calls that had KV in the dead engine (running, or pre-empted with a snapshot) go
+        back to the head of the queue to start from scratch, once, if their caller has seen
+        nothing of the answer yet; the others fail with ``error``. Returns how many retry."""
+        lost = [*self._running, *(r for r in self._waiting if r.snapshot is not None)]
+        retry = []
+        for request in lost:
+            self._withdraw(request)
+            if request.restarts == 0 and (request.changed is None or not request.text):
+                request.restart()
+                retry.append(request)
+            else:
+                self.stats.failed += 1
+                request.fail(now, error)
+        self._waiting.extendleft(reversed(retry))
+        self.stats.retried += len(retry)
+        return len(retry)
+
+    def _culprit(self, plan: StepPlan, error: EngineCrashed) -> LLMRequest | None:
+        """The call the engine was working on when it died, if it can be told."""
+        if error.key is not None:  # saving a pre-empted call's context (or an idle agent's)
+            return next((r for r in self._waiting if r.snapshot == error.key), None)
+        if error.slot is not None:
+            return self._by_slot.get(error.slot)
+        return None
 
     # -- introspection -------------------------------------------------------------------------
     @property
@@ -597,6 +692,20 @@ class LLMCore:
     def cached(self) -> int:
         """Idle slots holding an agent's KV for its next call."""
         return len(self._cached)
+
+
+@contextlib.asynccontextmanager
+async def standalone(core: LLMCore) -> AsyncIterator[LLMCore]:
+    """A core outside a kernel (tests, benchmarks): started, its loop running, closed at exit."""
+    await core.start()
+    loop = asyncio.create_task(core.run())
+    try:
+        yield core
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        await core.close()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

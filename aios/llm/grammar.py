@@ -8,8 +8,18 @@ engine step. Cached: agents send the same few schemas (their tools) over and ove
 from __future__ import annotations
 
 import functools
+import json
+from typing import Any
 
 from aios.errors import InvalidRequest
+
+# The converter writes a bounded repetition out in full (maxLength 10**7: an 80 MB grammar,
+# built on the event loop), and no answer is longer than a sequence (2048 tokens by default),
+# so larger bounds are refused before anything is built.
+MAX_REPEAT = 8192
+_BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+           "minContains", "maxContains")  # fmt: skip
+MAX_GRAMMAR_BYTES = 1 << 20
 
 
 @functools.lru_cache(maxsize=128)
@@ -20,6 +30,39 @@ def json_grammar(schema: str | None) -> str:
     if schema is None:
         return str(JSON_GBNF)
     try:
-        return str(json_schema_to_gbnf(schema))
+        _check_bounds(json.loads(schema))
+    except ValueError:
+        raise InvalidRequest("json_schema is not valid JSON") from None
+    try:
+        grammar = str(json_schema_to_gbnf(schema))
+    except RecursionError:
+        raise InvalidRequest("json_schema is nested too deeply") from None
     except Exception as e:  # the converter raises plain Exceptions for unsupported schemas
         raise InvalidRequest(f"unsupported JSON schema: {type(e).__name__}: {e}") from None
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise InvalidRequest(
+            f"json_schema compiles to a {len(grammar)}-byte grammar (at most {MAX_GRAMMAR_BYTES})"
+        )
+    return grammar
+
+
+def _check_bounds(node: Any, depth: int = 0) -> None:
+    """Refuse repetition bounds no answer could use (see ``MAX_REPEAT``)."""
+    if depth > 64:
+        raise InvalidRequest("json_schema is nested more than 64 levels deep")
+    if isinstance(node, dict):
+        for key in _BOUNDS:
+            value = node.get(key)
+            if (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and value > MAX_REPEAT
+            ):
+                raise InvalidRequest(f"json_schema {key} must be <= {MAX_REPEAT}, got {value}")
+        children: Any = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return
+    for child in children:
+        _check_bounds(child, depth + 1)

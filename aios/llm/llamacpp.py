@@ -1,9 +1,11 @@
-"""The embedded engine: llama.cpp in-process, many sequences decoded in one batch per step.
+"""The embedded engine: llama.cpp, many sequences decoded in one batch per step.
 
 Uses llama.cpp's low-level API (the high-level ``Llama`` class only uses sequence 0): one model,
 one context with ``n_seq_max = slots + cache_slots`` and one KV stream per sequence (or a unified
-pool), one ``llama_batch`` per step. Every method runs on the owning core's thread; nothing here is
-thread-safe, by design.
+pool), one ``llama_batch`` per step. It runs in the kernel's process, or (by default) in a child
+process of its own behind :class:`~aios.llm.isolated.IsolatedEngine`, whose parent keeps only a
+:class:`LlamaTokenizer`. Every step runs on the owning core's thread; nothing here is
+thread-safe, by design (tokenization only reads the vocabulary).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from aios.errors import CoreError, InvalidRequest, ModelLoadError
 from aios.llm import cpu
 from aios.llm.engine import ContextStore, Sampled, SeqStart, StepPlan
 from aios.llm.grammar import json_grammar
+from aios.llm.isolated import Mark, Phase, no_mark
 from aios.llm.models import resolve_model
 from aios.syscall import Message
 
@@ -61,65 +64,47 @@ def apply_chat_template(lc: Any, template: bytes, messages: Sequence[Message]) -
     return buf.raw[:size]
 
 
-class LlamaCppEngine:
-    """An :class:`~aios.llm.engine.Engine` on llama.cpp (CPU)."""
+def _llama() -> Any:
+    """llama_cpp, imported on first use (so that `aios --help` never loads llama.cpp), with
+    its logs routed and its backend initialized."""
+    import llama_cpp as lc
 
-    def __init__(self, config: CoreConfig) -> None:
-        import llama_cpp as lc  # imported here so that `aios --help` never loads llama.cpp
+    _route_llama_logs(lc)
+    lc.llama_backend_init()
+    return lc
 
+
+class LlamaTokenizer:
+    """A model's vocabulary and chat template: tokenization, detokenization of one token.
+
+    :meth:`load` reads only the vocabulary of a GGUF file (``vocab_only``: no weights, no
+    context), for the parent of an isolated engine; :class:`LlamaCppEngine` wraps the vocabulary
+    of the model it loaded (and frees that model itself). Read-only: safe to use on the event
+    loop while the core's thread decodes.
+    """
+
+    def __init__(self, lc: Any, model: Any, model_name: str, *, owns_model: bool) -> None:
         self._lc = lc
-        _route_llama_logs(lc)
-        path = resolve_model(config.model)
-        lc.llama_backend_init()
-        # Before anything runs: a build this CPU would crash on is refused or loaded safely.
-        plan = cpu.check(lc, allow_amx=config.amx)
-        if plan.warning:
-            logging.getLogger(__name__).warning("core %r: %s", config.name, plan.warning)
-        mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        if not plan.extra_bufts:
-            mparams.use_extra_bufts = False
-        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise ModelLoadError(f"llama.cpp could not load {path} (is it a GGUF file?)")
         self._model = model
-        self._vocab = lc.llama_model_get_vocab(model)
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = config.kv_cells
-        cparams.n_batch = config.batch_tokens
-        cparams.n_ubatch = config.batch_tokens
-        cparams.n_seq_max = config.kv_sequences
-        cparams.kv_unified = config.kv_unified  # False: one stream of n_ctx / n_seq per sequence
-        cparams.flash_attn_type = 1 if config.flash_attn else 0  # enabled / disabled, not auto
-        cparams.n_threads = config.n_threads
-        cparams.n_threads_batch = config.n_threads
-        cparams.no_perf = True
-        ctx = lc.llama_init_from_model(model, cparams)
-        if not ctx:
-            lc.llama_model_free(model)
-            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
-        self._ctx = ctx
-        self._mem = lc.llama_get_memory(ctx)
-        self._batch = lc.llama_batch_init(config.batch_tokens, 0, 1)
-        self._batch_cap = config.batch_tokens
-        self._samplers: dict[int, Any] = {}
-        self._parked: dict[str, Any] = {}  # samplers of pre-empted sequences, by context key
-        self._piece = ctypes.create_string_buffer(256)
+        self._owns_model = owns_model
+        self.model_name = model_name
+        self.vocab = lc.llama_model_get_vocab(model)
         template = lc.llama_model_chat_template(model, None)
         self._template: bytes | None = template or None
+        self._piece = ctypes.create_string_buffer(256)
 
-        desc = ctypes.create_string_buffer(128)
-        lc.llama_model_desc(model, desc, len(desc))
-        self.model_name = config.model
-        self.description = desc.value.decode(errors="replace")
-        self.path = path
-        self.slots = config.kv_sequences
-        self.context_tokens = config.kv_cells
-        self.max_sequence_tokens = min(
-            config.max_sequence_tokens, lc.llama_model_n_ctx_train(model)
-        )
+    @classmethod
+    def load(cls, config: CoreConfig) -> LlamaTokenizer:
+        lc = _llama()
+        path = resolve_model(config.model)
+        mparams = lc.llama_model_default_params()
+        mparams.vocab_only = True
+        mparams.n_gpu_layers = 0
+        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not read the vocabulary of {path}")
+        return cls(lc, model, config.model, owns_model=True)
 
-    # -- tokenization (read-only use of the vocabulary) -----------------------------------
     def tokenize(self, text: str) -> list[int]:
         return self._tokenize(text.encode(), parse_special=False)
 
@@ -142,35 +127,119 @@ class LlamaCppEngine:
         cap = len(data) + 8
         for _ in range(2):
             buf = (lc.llama_token * cap)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, True, parse_special)
+            n = lc.llama_tokenize(self.vocab, data, len(data), buf, cap, True, parse_special)
             if n >= 0:
                 return list(buf[:n])
             cap = -n
         raise CoreError("llama.cpp tokenization failed")
 
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (not thread-safe: one shared buffer; the core's thread)."""
+        lc = self._lc
+        n = lc.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, self._piece, -n, 0, False)
+        return self._piece.raw[:n]
+
+    def close(self) -> None:
+        if self._owns_model and self._model is not None:
+            self._lc.llama_model_free(self._model)
+        self._model = None
+
+
+class LlamaCppEngine:
+    """An :class:`~aios.llm.engine.Engine` on llama.cpp (CPU). ``mark`` is called before each
+    native call that could crash (see :mod:`aios.llm.isolated`)."""
+
+    def __init__(self, config: CoreConfig, *, mark: Mark = no_mark) -> None:
+        lc = _llama()
+        self._lc = lc
+        self._mark = mark
+        path = resolve_model(config.model)
+        # Before anything runs: a build this CPU would crash on is refused or loaded safely.
+        plan = cpu.check(lc, allow_amx=config.amx)
+        if plan.warning:
+            logging.getLogger(__name__).warning("core %r: %s", config.name, plan.warning)
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        if not plan.extra_bufts:
+            mparams.use_extra_bufts = False
+        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {path} (is it a GGUF file?)")
+        self._model = model
+        self.tokenizer = LlamaTokenizer(lc, model, config.model, owns_model=False)
+        self._vocab = self.tokenizer.vocab
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = config.kv_cells
+        cparams.n_batch = config.batch_tokens
+        cparams.n_ubatch = config.batch_tokens
+        cparams.n_seq_max = config.kv_sequences
+        cparams.kv_unified = config.kv_unified  # False: one stream of n_ctx / n_seq per sequence
+        cparams.flash_attn_type = 1 if config.flash_attn else 0  # enabled / disabled, not auto
+        cparams.n_threads = config.n_threads
+        cparams.n_threads_batch = config.n_threads
+        cparams.no_perf = True
+        ctx = lc.llama_init_from_model(model, cparams)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
+        self._ctx = ctx
+        self._mem = lc.llama_get_memory(ctx)
+        self._batch = lc.llama_batch_init(config.batch_tokens, 0, 1)
+        self._batch_cap = config.batch_tokens
+        self._samplers: dict[int, Any] = {}
+        self._parked: dict[str, Any] = {}  # samplers of pre-empted sequences, by context key
+
+        desc = ctypes.create_string_buffer(128)
+        lc.llama_model_desc(model, desc, len(desc))
+        self.model_name = config.model
+        self.description = desc.value.decode(errors="replace")
+        self.path = path
+        self.slots = config.kv_sequences
+        self.context_tokens = config.kv_cells
+        self.max_sequence_tokens = min(
+            config.max_sequence_tokens, lc.llama_model_n_ctx_train(model)
+        )
+
+    # -- tokenization (read-only use of the vocabulary) -----------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.tokenize(text)
+
+    def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenizer.tokenize_chat(messages)
+
     # -- the step ---------------------------------------------------------------------------
     def step(self, plan: StepPlan, store: ContextStore) -> list[Sampled]:
-        lc = self._lc
+        lc, mark = self._lc, self._mark
         for save in plan.saves:
+            mark(Phase.SAVE, save.slot)
             store.put(save.key, self.save_seq(save.slot))
             self._parked[save.key] = self._samplers.pop(save.slot, None)
             self._release(save.slot)
         for slot in plan.releases:
+            mark(Phase.RELEASE, slot)
             self._release(slot)
         for key in plan.drops:
+            mark(Phase.DROP, None)
             store.drop(key)
             self._free_sampler(self._parked.pop(key, None))
         for restore in plan.restores:
+            mark(Phase.RESTORE, restore.slot)
             self.load_seq(restore.slot, store.take(restore.key))
             self._free_sampler(self._samplers.pop(restore.slot, None))
             self._samplers[restore.slot] = self._parked.pop(restore.key, None)
         for copy in plan.copies:
             # Whole-sequence copy, then trim: per-sequence streams only copy whole buffers.
+            mark(Phase.COPY, copy.dst)
             lc.llama_memory_seq_cp(self._mem, copy.src, copy.dst, -1, -1)
             lc.llama_memory_seq_rm(self._mem, copy.dst, copy.n, -1)
         for slot, keep in plan.trims:
+            mark(Phase.TRIM, slot)
             lc.llama_memory_seq_rm(self._mem, slot, keep, -1)
         for start in plan.starts:
+            mark(Phase.START, start.slot)
             self._free_sampler(self._samplers.pop(start.slot, None))
             self._samplers[start.slot] = self._make_sampler(start)
 
@@ -193,6 +262,7 @@ class LlamaCppEngine:
         if n == 0:
             return []
         batch.n_tokens = n
+        mark(Phase.DECODE, None)
         rc = lc.llama_decode(self._ctx, batch)
         if rc != 0:
             # 1: no KV slot for the batch; <0: error. The KV state of this batch is undefined,
@@ -200,12 +270,10 @@ class LlamaCppEngine:
             raise CoreError(f"llama_decode failed with code {rc}")
         sampled = []
         for slot, index in outputs:
+            mark(Phase.SAMPLE, slot)
             token = lc.llama_sampler_sample(self._samplers[slot], self._ctx, index)
-            sampled.append(
-                Sampled(
-                    slot, token, self._token_piece(token), lc.llama_vocab_is_eog(self._vocab, token)
-                )
-            )
+            eog = lc.llama_vocab_is_eog(self._vocab, token)
+            sampled.append(Sampled(slot, token, self.tokenizer.piece(token), eog))
         return sampled
 
     def _make_sampler(self, start: SeqStart) -> Any:
@@ -254,15 +322,6 @@ class LlamaCppEngine:
     def _free_sampler(self, sampler: Any) -> None:
         if sampler is not None:
             self._lc.llama_sampler_free(sampler)
-
-    def _token_piece(self, token: int) -> bytes:
-        n = self._lc.llama_token_to_piece(
-            self._vocab, token, self._piece, len(self._piece), 0, False
-        )
-        if n < 0:
-            self._piece = ctypes.create_string_buffer(-n)
-            n = self._lc.llama_token_to_piece(self._vocab, token, self._piece, -n, 0, False)
-        return self._piece.raw[:n]
 
     def close(self) -> None:
         lc = self._lc

@@ -39,6 +39,7 @@ from aios.errors import (
     ConfigError,
     CoreError,
     CoreUnavailable,
+    EngineCrashed,
     KernelShutdown,
     Overloaded,
 )
@@ -278,7 +279,9 @@ class Router:
                 dataclasses.replace(completion, syscall_id=request.id, timings=request.timings),
             )
             return
-        if isinstance(error, (CoreError, Overloaded)) and not self._closed:
+        # A call that crashed its engine would crash the next one too: it is not moved.
+        moves = isinstance(error, (CoreError, Overloaded)) and not isinstance(error, EngineCrashed)
+        if moves and not self._closed:
             if isinstance(error, CoreUnavailable):
                 self._mark_down(core)
             request.tried.append(core.name)

@@ -220,6 +220,8 @@ class MemoryManager:
         self, owner: str, turns: Sequence[tuple[str, str]], *, job: Job | None = None
     ) -> list[Turn]:
         """Append (role, content) turns to the agent's history."""
+        if not isinstance(turns, list | tuple):
+            raise InvalidRequest("turns must be a list of [role, content] pairs")
         checked = []
         for turn in turns:
             if (

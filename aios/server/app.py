@@ -54,7 +54,14 @@ from aios.kernel import Kernel
 from aios.process import AgentProcess
 from aios.resources import MEMORY_OPS, STORAGE_OPS, TOOL_OPS
 from aios.server.config import ServerConfig
-from aios.server.http import BodyLimit, ClientGone, EventStream, cancel_on_disconnect, sse
+from aios.server.http import (
+    BodyLimit,
+    ClientGone,
+    ContainErrors,
+    EventStream,
+    cancel_on_disconnect,
+    sse,
+)
 from aios.server.schemas import (
     AgentIn,
     AgentOut,
@@ -175,14 +182,16 @@ class Server:
         return process
 
     def session(self, identity: Identity) -> AgentProcess:
-        """The caller's process, under its in-flight limit; its groups as the credential
-        says now."""
+        """The caller's process, under its in-flight limit (calls waiting for a quota place
+        count: they hold a connection and a deadline, though no core sees them yet); its
+        groups as the credential says now."""
         process = self.kernel.session(identity.name)
         process.groups = frozenset(identity.groups) | ({"admin"} if identity.admin else set())
-        if len(process.inflight) >= self.config.max_inflight_per_agent:
+        held = len(process.inflight) + self.kernel.quotas.waiting(process.id)
+        if held >= self.config.max_inflight_per_agent:
             raise Overloaded(
-                f"agent {identity.name!r} has {len(process.inflight)} syscalls in flight "
-                f"(limit {self.config.max_inflight_per_agent}); retry when one ends"
+                f"agent {identity.name!r} has {held} syscalls in flight or waiting for a quota "
+                f"place (limit {self.config.max_inflight_per_agent}); retry when one ends"
             )
         return process
 
@@ -270,6 +279,7 @@ class Server:
             "age_s": now - process.started,
             "turnaround_s": process.turnaround,
             "inflight": [s.id for s in process.inflight],
+            "quota_waiting": self.kernel.quotas.waiting(process.id),
             "result": None if process.result is None else process.result[:2000],
             "error": process.error,
         }
@@ -582,6 +592,7 @@ def create_app(
         return error_response(scope["path"], 413, "payload_too_large", message)
 
     app.add_middleware(BodyLimit, limit=config.max_body_bytes, reject=reject)
+    app.add_middleware(ContainErrors, respond=lambda scope, e: exception_response(scope["path"], e))
     return app
 
 

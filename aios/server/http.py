@@ -137,3 +137,31 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class ContainErrors:
+    """An unexpected exception becomes the response ``respond`` makes of it (a 500 that logs
+    it once), instead of reaching the ASGI server, which would log it again and close the
+    client's connection. Once a response has started, nothing can be sent: it propagates."""
+
+    def __init__(self, app: ASGIApp, respond: Callable[[Scope, Exception], Response]):
+        self.app = app
+        self.respond = respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as error:
+            if started:
+                raise
+            await self.respond(scope, error)(scope, receive, send)

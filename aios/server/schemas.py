@@ -89,8 +89,13 @@ class ErrorOut(BaseModel):
 
 
 class TimingsOut(BaseModel):
-    queued_s: float | None = Field(None, description="Before the core's queue (quota wait).")
-    waited_s: float | None = Field(None, description="In the core's queue.")
+    queued_s: float | None = Field(
+        None,
+        description="From receipt to the core's queue: validation (a json_schema is compiled "
+        "here), memory fitting, the wait for a max_parallel quota place, tokenization. Not "
+        "seen by /api/v1/cores (see quota_waiting in /api/v1/processes).",
+    )
+    waited_s: float | None = Field(None, description="In the core's queue (its queued count).")
     ran_s: float | None = Field(None, description="On the core, admission to the end.")
     total_s: float | None = Field(None, description="From receipt to the end.")
 
@@ -125,6 +130,10 @@ class ProcessOut(BaseModel):
     age_s: float
     turnaround_s: float | None
     inflight: list[str]
+    quota_waiting: int = Field(
+        description="LLM calls waiting for a max_parallel quota place: not yet in any core's "
+        "queue, so neither in inflight nor in /api/v1/cores."
+    )
     result: str | None
     error: str | None
 

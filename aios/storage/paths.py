@@ -3,13 +3,24 @@
 A path is relative to the agent's root and written with ``/``: ``notes/today.md``. The root
 itself is ``""`` (given as ``""``, ``"."`` or ``"/"``). Normalizing drops empty and ``.``
 components (``a//b/./c`` is ``a/b/c``); everything that could mean "somewhere else" is an
-error, not something to repair: ``..``, a leading ``/`` (an absolute path), ``\\``, NUL and
-other control characters, over-long names and paths.
+error, not something to repair: ``..``, a leading ``/`` (an absolute path), ``\\``, every
+control or format character (Unicode categories Cc, Cf, Zl, Zp and Cs: NUL and the other C0
+and C1 controls, DEL, zero-width and bidirectional marks such as U+200B, U+202E and U+FEFF,
+the soft hyphen, the line and paragraph separators, lone surrogates), over-long names and
+paths.
 """
 
 from __future__ import annotations
 
+import unicodedata
+
 from aios.errors import InvalidRequest
+
+# What no name may contain: controls (Cc), format characters such as zero-width and
+# bidirectional marks (Cf), line and paragraph separators (Zl, Zp) and surrogates (Cs).
+FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+# Controls and surrogates have no character name; Unicode's data labels them like this.
+_UNNAMED = {"Cc": "<control>", "Cs": "<surrogate>"}
 
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 1024
@@ -23,13 +34,11 @@ def normalize(path: str) -> str:
         raise InvalidRequest(f"a path must be a string, got {type(path).__name__}")
     if path in ("", ".", "/"):
         return ""
-    check_text(path, "a path")
+    check_characters(path)
     if path.startswith("/"):
         raise InvalidRequest(
             f"absolute paths are not allowed ({path!r}); paths are relative to your root"
         )
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
-        raise InvalidRequest(f"path {path!r} contains a NUL or control character")
     if "\\" in path:
         raise InvalidRequest(f"path {path!r} contains '\\'; the separator is '/'")
     parts = [p for p in path.split("/") if p not in ("", ".")]
@@ -44,6 +53,31 @@ def normalize(path: str) -> str:
     if len(normal.encode()) > MAX_PATH_BYTES:
         raise InvalidRequest(f"path is longer than {MAX_PATH_BYTES} bytes")
     return normal
+
+
+def forbidden(char: str) -> bool:
+    """``char`` is a control or format character: no path may contain it."""
+    return unicodedata.category(char) in FORBIDDEN_CATEGORIES
+
+
+def describe(char: str) -> str:
+    """The code point and its name: ``U+202E (RIGHT-TO-LEFT OVERRIDE)``."""
+    category = unicodedata.category(char)
+    name = unicodedata.name(char, "") or _UNNAMED.get(category, category)
+    return f"U+{ord(char):04X} ({name})"
+
+
+def check_characters(path: str) -> None:
+    """InvalidRequest naming the first control or format character in ``path``, if any (a
+    lone surrogate, the only thing a ``str`` holds that UTF-8 cannot encode, included)."""
+    bad = next((c for c in path if forbidden(c)), None)
+    if bad is None:
+        return
+    if unicodedata.category(bad) == "Cs":
+        kind = "a lone surrogate (not valid Unicode)"
+    else:
+        kind = "a control or format character"
+    raise InvalidRequest(f"path {path!r} contains {describe(bad)}, {kind}")
 
 
 def parent(path: str) -> str:

@@ -11,7 +11,7 @@ import datetime
 import logging
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -141,26 +141,31 @@ async def recall(query: str, ctx: ToolContext, limit: int = 3) -> list[str]:
     return [hit["note"]["text"] for hit in hits]
 
 
-def python_tool(limits: Limits | None = None) -> ToolSpec:
-    """The sandboxed Python tool (the sandbox is detected on its first call)."""
+def python_tool(
+    limits: Limits | None = None, sandbox: Sandbox | None = None, hidden: Iterable[str] = ()
+) -> ToolSpec:
+    """The sandboxed Python tool. The sandbox is ``sandbox``, else detected on the first call;
+    ``hidden``: more paths code must never see (besides :func:`default_hidden`'s)."""
     limits = limits or Limits()
-    found: list[Sandbox] = []
+    found: list[Sandbox] = [sandbox] if sandbox else []
+    secret = tuple(hidden)
 
     async def python(code: str) -> dict[str, object]:
-        """Run Python 3 code in a sandbox (no network, read-only system, a private scratch
-        folder, CPU/memory/time limits) and get its exit code, stdout and stderr. Print what
-        you want to see."""
+        """Run Python 3 code in a sandbox (no network, a minimal read-only system, a private
+        scratch folder, CPU/memory/process/time limits) and get its exit code, stdout and
+        stderr. Print what you want to see."""
         if not found:
-            found.append(await asyncio.to_thread(Sandbox.detect))
-            level = logging.INFO if found[0].kind == "bubblewrap" else logging.WARNING
+            found.append(await asyncio.to_thread(Sandbox.detect, secret))
+            level = logging.INFO if found[0].enabled else logging.WARNING
             log.log(level, "sandbox for code tools: %s", found[0].describe())
         return (await found[0].run(python_argv(code), limits)).to_json()
 
     return tool(concurrency=2, timeout=limits.wall_seconds + 5)(python)
 
 
-def builtin_tools() -> list[ToolSpec]:
-    """The built-in tools, with their limits and annotations."""
+def builtin_tools(hidden: Iterable[str] = ()) -> list[ToolSpec]:
+    """The built-in tools, with their limits and annotations; ``hidden``: paths the code tools
+    must never see (the kernel's data directory, database and spill directories)."""
     return [
         tool(concurrency=64, timeout=2.0, read_only=True)(calculator),
         tool(concurrency=64, timeout=1.0, read_only=True)(current_time),
@@ -169,5 +174,5 @@ def builtin_tools() -> list[ToolSpec]:
         tool(read_only=True, timeout=10.0)(list_files),
         tool(timeout=10.0)(remember),
         tool(read_only=True, timeout=10.0)(recall),
-        python_tool(),
+        python_tool(hidden=hidden),
     ]
