@@ -19,7 +19,7 @@ llama: | $(BIN)/python
 	$(BIN)/python -m aios.llm.build
 
 $(VENV)/.installed: pyproject.toml | llama
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[embedded]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | llama

@@ -24,6 +24,7 @@ from aios.audit import AuditLog, Record
 from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig, RouterConfig
 from aios.errors import (
     AIOSError,
+    ConfigError,
     DeadlineExceeded,
     InvalidRequest,
     KernelShutdown,
@@ -53,11 +54,20 @@ EngineFactory = Callable[[CoreConfig], Engine]
 V = TypeVar("V")
 REMOTE_CONTEXT_TOKENS = 4096  # what memory fitting assumes of a core whose tokenizer is remote
 MAX_FINISHED = 4096  # finished processes and syscalls kept for inspection (ps, status)
+MIN_TIMEOUT = 1e-3  # seconds: a shorter deadline is a 400, not a certain DeadlineExceeded
 
 
 def llamacpp_engine(config: CoreConfig) -> Engine:
     """The default engine factory: llama.cpp, imported only when a core starts; in a child
     process of its own unless ``config.isolate`` is off (see aios.llm.isolated)."""
+    try:
+        import llama_cpp  # noqa: F401  (the engine loads it next anyway)
+    except ImportError:  # a client install: `pip install aios`
+        raise ConfigError(
+            f"core {config.name!r} is an embedded llama.cpp core, and llama-cpp-python is not "
+            "installed: pip install 'aios[embedded]' (make builds it for this CPU), or "
+            'configure a remote core ([[core]] type = "remote")'
+        ) from None
     from aios.llm.llamacpp import LlamaCppEngine, LlamaTokenizer
 
     if not config.isolate:
@@ -304,10 +314,8 @@ class Kernel:
         if isinstance(syscall, ResourceCall) and not syscall.status.finished:
             syscall.job.withdrawn = True
             syscall.cancel(self.clock())
-        if isinstance(syscall, LLMRequest) and not syscall.status.finished:
-            core = self.cores.get(syscall.call.model or self.config.default_model)
-            if core is not None:
-                core.cancel(syscall)
+        if isinstance(syscall, LLMRequest) and not syscall.status.finished and syscall.core:
+            syscall.core.cancel(syscall)
 
     async def resource(
         self,
@@ -369,7 +377,7 @@ class Kernel:
             if kind not in ("memory", "storage"):
                 raise InvalidRequest("a tool makes memory and storage calls only")
             left = (request.job.deadline or time.monotonic()) - time.monotonic()
-            if left <= 0:
+            if left < MIN_TIMEOUT:
                 raise DeadlineExceeded(f"{request.id} has no time left for {kind}.{op}")
             return await self.resource(process, kind, op, args, timeout=left)
 
@@ -501,8 +509,11 @@ class Kernel:
             work.exception()  # retrieved: a caller that left never sees it
 
     def _budget(self, timeout: float | None) -> float:
-        if timeout is not None and not timeout > 0:
-            raise InvalidRequest(f"timeout must be > 0 seconds, got {timeout!r}")
+        if timeout is not None and not timeout >= MIN_TIMEOUT:
+            raise InvalidRequest(
+                f"timeout must be >= {MIN_TIMEOUT} seconds (no syscall ends sooner), "
+                f"got {timeout!r}"
+            )
         return timeout or self.config.syscall_timeout
 
     async def llm(
@@ -625,7 +636,7 @@ class Kernel:
         loop = asyncio.get_running_loop()
 
         async def read(op: str, args: dict[str, Any]) -> Any:
-            left = max(deadline - loop.time(), 1e-3)
+            left = max(deadline - loop.time(), MIN_TIMEOUT)
             return await self.resource(process, "memory", op, args, timeout=left)
 
         turns: list[dict[str, Any]] = []
@@ -668,7 +679,7 @@ class Kernel:
             turns.append(("user", call.prompt))
         turns.append(("assistant", completion.text))
         left = deadline - asyncio.get_running_loop().time()
-        if left <= 0:
+        if left < MIN_TIMEOUT:
             raise DeadlineExceeded(
                 "the answer came, but no time was left to record it in the history"
             )

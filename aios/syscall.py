@@ -13,9 +13,12 @@ import enum
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aios.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from aios.llm.base import Core
 
 Role = Literal["system", "user", "assistant"]
 ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
@@ -107,9 +110,9 @@ class SamplingParams:
                 ) from None
             if not isinstance(schema, dict):
                 raise InvalidRequest("json_schema must be a JSON object (a JSON Schema)")
-            from aios.llm.grammar import json_grammar
+            from aios.llm.grammar import check_schema
 
-            json_grammar(self.json_schema)  # raises InvalidRequest if it cannot be compiled
+            check_schema(schema)  # an embedded core compiles it when it accepts the call
 
     @property
     def json_output(self) -> bool:
@@ -311,6 +314,7 @@ class LLMRequest(Syscall):
         self.defer_on: LLMRequest | None = None  # waits for this one's prefill to copy it
         self.defer_n = 0  # ... up to this many tokens
         self.call_index = 0  # how many calls its agent made on this core before this one
+        self.core: Core | None = None  # the core that accepted it (set by the core at submit)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     @property

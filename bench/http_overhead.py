@@ -1,6 +1,6 @@
 """HTTP overhead: what the server (API + kernel) adds to a syscall, on an INSTANT simulated core.
 
-The core is aios.llm.simulated's engine with a zero-time cost model (``time_scale=0``) and
+The core is aios.llm.sim's engine with a zero-time cost model (``time_scale=0``) and
 one-token replies, so a call's latency is all overhead: HTTP, JSON, auth, the kernel's queue and
 scheduler, the core's thread hop. No model runs; the core is simulated (labelled as such).
 
@@ -41,7 +41,7 @@ from common import markdown, medians, percentile
 
 from aios.config import CoreConfig, KernelConfig
 from aios.kernel import Kernel
-from aios.llm.simulated import CostModel, SimulatedEngine
+from aios.llm.sim import CostModel, SimulatedEngine
 from aios.server.config import ServerConfig, Settings
 from aios.server.main import BackgroundServer
 from aios.syscall import LLMCall, Message, SamplingParams

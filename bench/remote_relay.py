@@ -36,7 +36,7 @@ from http_overhead import core_config, settings
 
 from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig
 from aios.kernel import Kernel
-from aios.llm.simulated import CostModel, SimulatedEngine
+from aios.llm.sim import CostModel, SimulatedEngine
 from aios.server.main import BackgroundServer
 from aios.syscall import LLMCall, Message, SamplingParams
 

@@ -1,7 +1,7 @@
 """Scale: hundreds to thousands of concurrent agents on a SIMULATED core, with and without the
 kernel.
 
-No model runs here. Both arms run on the cost model of aios.llm.simulated, calibrated on
+No model runs here. Both arms run on the cost model of aios.llm.sim, calibrated on
 SmolLM2-135M on the 2-core reference machine (bench/results/simulated_calibration.json, copied
 into the results) and sped up by ``--time-scale`` (0.01: a machine 100x faster), so every number
 and figure below is of a simulated core, labelled as such.
@@ -14,8 +14,9 @@ Arms, interleaved (order rotated per size and repeat), each in its own process s
 resident memory is its own:
   kernel-fifo, kernel-fair - agents make LLM syscalls to the aios kernel; its core runs a
       SimulatedEngine (--slots running, --cache-slots idle-KV slots, the hardware's KV cells).
-  direct - no kernel: agents call SimulatedServer.generate directly and concurrently, a naive
-      continuously batching server with no admission control on the same simulated hardware.
+  direct - no kernel: agents call SimulatedServer.generate (bench/naive_server.py) directly
+      and concurrently, a naive continuously batching server with no admission control on the
+      same simulated hardware.
       A call that fails with out-of-memory is retried after an exponential backoff with full
       jitter (as the AIOS paper describes agents doing), up to --max-attempts attempts.
 
@@ -71,13 +72,14 @@ from pathlib import Path
 from typing import Any
 
 from common import percentile
+from naive_server import SimulatedServer
 
 from aios.config import CoreConfig, KernelConfig
 from aios.errors import AIOSError
 from aios.kernel import Kernel
 from aios.llm.core import LLMCore
 from aios.llm.engine import Engine
-from aios.llm.simulated import CostModel, OutOfMemory, SimStats, SimulatedEngine, SimulatedServer
+from aios.llm.sim import CostModel, OutOfMemory, SimStats, SimulatedEngine
 from aios.syscall import LLMCall, Message, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -462,7 +464,7 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
     return {
         "benchmark": "scale",
         "simulated": True,
-        "note": f"{LABEL}: no model ran; every number comes from aios.llm.simulated's cost model "
+        "note": f"{LABEL}: no model ran; every number comes from aios.llm.sim's cost model "
         f"at time_scale {args.time_scale:g} (a machine {1 / args.time_scale:g}x faster than the "
         "calibrated one). Kernel overhead and RSS are real measurements of the kernel process.",
         "command": "python bench/scale.py "

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from fakes import CORE_DEFAULTS, FakeFactory
-from test_server import serve
+from servers import serve
 
 from aios.access import Access, capability
 from aios.config import AccessConfig, CoreConfig, KernelConfig, StorageConfig
@@ -284,4 +284,4 @@ def test_the_principal_comes_from_the_process() -> None:
     process = AgentProcess("x", "", 0.0, owner="alice", groups=frozenset({"team"}))
     assert process.principal == Principal("alice", frozenset({"team"}))
     assert AgentProcess("prog", "", 0.0).principal == Principal("prog")
-    # (over HTTP the process comes from the token: see test_server's forged-identity tests)
+    # (over HTTP the process comes from the token: test_server_auth.py's forged-identity tests)

@@ -187,7 +187,7 @@ async def test_cached_kv_is_evicted_under_pressure_and_never_overcommits() -> No
     ):
         for i in range(4):
             await complete(core, f"old{i}", prompt_call(f"old agent {i} " * 3))
-        assert core.cached == 4 and core._cached_kv > 104
+        assert core.cached == 4 and core._kv.cached_cells > 104
         new = [core.submit(f"new{i}", prompt_call(f"x{i}" * 15, max_tokens=200)) for i in range(4)]
         await asyncio.gather(*(r.future for r in new))
         releases = [slot for p in fake.plans for slot in p.releases]

@@ -224,8 +224,11 @@ def test_the_pin_is_read_from_pyproject() -> None:
     import tomllib
 
     pyproject = Path(build.__file__).resolve().parents[2] / "pyproject.toml"
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    assert f"llama-cpp-python=={build.pinned_version()}" in deps
+    project = tomllib.loads(pyproject.read_text())["project"]
+    embedded = project["optional-dependencies"]["embedded"]
+    assert f"llama-cpp-python=={build.pinned_version()}" in embedded
+    # A client (`pip install aios`: the SDK over HTTP) compiles nothing.
+    assert not any(d.startswith("llama-cpp-python") for d in project["dependencies"])
 
 
 # -- the installed library, for real -------------------------------------------------------
@@ -323,18 +326,19 @@ def test_aios_chat_says_what_is_wrong_instead_of_crashing(monkeypatch: pytest.Mo
 
     from typer.testing import CliRunner
 
-    from aios import cli
+    from aios.cli import app
+    from aios.cli import run as cli_run  # where chat looks _kernel_config up
 
     _on_a_cpu_without_the_builds_instructions(monkeypatch)
-    real = cli._kernel_config
+    real = cli_run._kernel_config
 
     def in_process(*args: Any, **kwargs: Any) -> Any:  # where the fabricated facts apply
         config = real(*args, **kwargs)
         cores = tuple(dataclasses.replace(c, isolate=False) for c in config.cores)
         return dataclasses.replace(config, cores=cores)
 
-    monkeypatch.setattr(cli, "_kernel_config", in_process)
-    result = CliRunner().invoke(cli.app, ["chat", "What is the capital of France?"])
+    monkeypatch.setattr(cli_run, "_kernel_config", in_process)
+    result = CliRunner().invoke(app, ["chat", "What is the capital of France?"])
     assert result.exit_code == 1, result.output
     assert "compiled for instructions this CPU does not have" in result.output
     assert "pip install --force-reinstall" in result.output

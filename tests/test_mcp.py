@@ -11,7 +11,7 @@ import pytest
 from fakes import CORE_DEFAULTS, FakeFactory
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
-from test_server import serve
+from servers import serve
 
 from aios.config import AccessConfig, CoreConfig, KernelConfig, McpServerConfig, StorageConfig
 from aios.errors import ConfigError, InvalidRequest, PermissionDenied, ToolError

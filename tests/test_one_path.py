@@ -14,7 +14,7 @@ import pytest
 from fakes import CORE_DEFAULTS, FakeFactory
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
-from test_server import serve
+from servers import serve
 from typer.testing import CliRunner
 
 from aios.access import Access

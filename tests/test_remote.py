@@ -781,9 +781,9 @@ async def test_real_router_fails_over_when_a_server_is_killed_mid_run(
         ]
         # Wait until the victim streams tokens, with calls in flight and queued on it.
         await wait_until(
-            lambda: any(r.core is on_victim and r.text for r in router.live), timeout=30
+            lambda: any(r.member is on_victim and r.text for r in router.live), timeout=30
         )
-        moved = {r.id for r in router.live if r.core is on_victim}
+        moved = {r.id for r in router.live if r.member is on_victim}
         victim.kill()
         completions = await asyncio.gather(*tasks)
     assert len(moved) >= 2

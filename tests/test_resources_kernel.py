@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fakes import CORE_DEFAULTS, FakeEngine, FakeFactory, detokenize
-from test_server import Harness, serve
+from servers import Harness, serve
 
 from aios.config import CoreConfig, KernelConfig, MemoryConfig, StorageConfig
 from aios.errors import (

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fakes import CORE_DEFAULTS, FakeFactory
-from test_server import serve
+from servers import serve
 
 from aios.config import CoreConfig, KernelConfig, StorageConfig
 from aios.errors import ConfigError, InvalidRequest, NotFound, ToolError, ToolTimeout

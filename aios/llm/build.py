@@ -42,6 +42,7 @@ from aios.llm.cpu import NO_AMX_FLAGS, CpuFacts, LibraryFacts, decide, is_x86
 
 PACKAGE = "llama-cpp-python"
 STAMP = ".aios-llama-build"  # in the environment's prefix: the key of what is installed
+EXTRA = "embedded"  # the extra of pyproject.toml that pins it
 
 
 class BuildError(Exception):
@@ -49,18 +50,18 @@ class BuildError(Exception):
 
 
 def pinned_version(pyproject: Path | None = None) -> str:
-    """The ``llama-cpp-python==X`` pin of aios's dependencies (written only there): from the
-    checkout's pyproject.toml, else from the installed aios's metadata."""
+    """The ``llama-cpp-python==X`` pin of aios's ``embedded`` extra (written only there): from
+    the checkout's pyproject.toml, else from the installed aios's metadata."""
     pyproject = pyproject or Path(__file__).resolve().parents[2] / "pyproject.toml"
     try:
-        deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+        deps = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"][EXTRA]
     except FileNotFoundError:
         deps = importlib.metadata.requires("aios") or []
     for dep in deps:
-        m = re.fullmatch(r"llama-cpp-python\s*==\s*([\w.]+)", dep.strip())
+        m = re.fullmatch(r"llama-cpp-python\s*==\s*([\w.]+)\s*(;.*)?", dep.strip())
         if m:
             return m[1]
-    raise BuildError("aios's dependencies pin no llama-cpp-python==VERSION")
+    raise BuildError(f"aios's {EXTRA!r} extra pins no llama-cpp-python==VERSION")
 
 
 def cmake_args(machine: str, extra: str = "") -> str:

@@ -1,8 +1,11 @@
 """JSON output grammars (GBNF) for constrained decoding on the embedded core.
 
-Compiled from a JSON Schema with llama.cpp's converter when a call is made, so a schema the
-converter cannot handle is the caller's :class:`~aios.errors.InvalidRequest`, never a failed
-engine step. Cached: agents send the same few schemas (their tools) over and over.
+:func:`check_schema` (pure, no llama.cpp: the SDK runs it on every host) refuses schemas no
+core could use. :func:`json_grammar` compiles one with llama.cpp's converter when an embedded
+core accepts the call (``LLMCore.submit``), so a schema the converter cannot handle is the
+caller's :class:`~aios.errors.InvalidRequest`, never a failed engine step; remote cores send
+the schema to their server instead. Cached: agents send the same few schemas (their tools)
+over and over.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import functools
 import json
 from typing import Any
 
-from aios.errors import InvalidRequest
+from aios.errors import ConfigError, InvalidRequest
 
 # The converter writes a bounded repetition out in full (maxLength 10**7: an 80 MB grammar,
 # built on the event loop), and no answer is longer than a sequence (2048 tokens by default),
@@ -25,12 +28,16 @@ MAX_GRAMMAR_BYTES = 1 << 20
 @functools.lru_cache(maxsize=128)
 def json_grammar(schema: str | None) -> str:
     """GBNF for any JSON object (``schema=None``) or for JSON matching ``schema``."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
+    try:
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    except ImportError:
+        raise ConfigError(
+            "JSON output on an embedded core needs llama-cpp-python: pip install 'aios[embedded]'"
+        ) from None
     if schema is None:
         return str(JSON_GBNF)
     try:
-        _check_bounds(json.loads(schema))
+        check_schema(json.loads(schema))
     except ValueError:
         raise InvalidRequest("json_schema is not valid JSON") from None
     try:
@@ -46,8 +53,9 @@ def json_grammar(schema: str | None) -> str:
     return grammar
 
 
-def _check_bounds(node: Any, depth: int = 0) -> None:
-    """Refuse repetition bounds no answer could use (see ``MAX_REPEAT``)."""
+def check_schema(node: Any, depth: int = 0) -> None:
+    """Refuse a schema nested too deeply or with repetition bounds no answer could use (see
+    ``MAX_REPEAT``)."""
     if depth > 64:
         raise InvalidRequest("json_schema is nested more than 64 levels deep")
     if isinstance(node, dict):
@@ -65,4 +73,4 @@ def _check_bounds(node: Any, depth: int = 0) -> None:
     else:
         return
     for child in children:
-        _check_bounds(child, depth + 1)
+        check_schema(child, depth + 1)

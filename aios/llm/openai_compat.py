@@ -247,6 +247,7 @@ class RemoteCore:
             max_tokens,
             priority=priority,
         )
+        request.core = self
         self._book.enroll(request, kind)
         self._waiting.append(request)
         self._wake.set()

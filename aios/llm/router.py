@@ -66,7 +66,6 @@ class RoutedRequest(LLMRequest):
         self, agent: str, now: float, call: LLMCall, *, priority: int = 0, kind: str = ""
     ) -> None:
         self.inner: LLMRequest | None = None
-        self.core: Core | None = None  # the member core running ``inner``
         self.tried: list[str] = []  # member cores that failed or refused it
         self._status = Status.QUEUED
         self._text = ""
@@ -99,6 +98,11 @@ class RoutedRequest(LLMRequest):
         if self.inner is not None:
             self.inner.changed = event
         return event
+
+    @property
+    def member(self) -> Core | None:
+        """The member core running ``inner`` (``core`` is the router that accepted the call)."""
+        return None if self.inner is None else self.inner.core
 
     @property
     def own_status(self) -> Status:
@@ -161,6 +165,7 @@ class Router:
         if self._closed:
             raise KernelShutdown("the kernel is shutting down")
         request = RoutedRequest(agent, self._clock(), call, priority=priority, kind=kind)
+        request.core = self
         self._place(request)
         self._live.add(request)
         return request
@@ -223,7 +228,7 @@ class Router:
                 request.tried.append(core.name)
                 refusals.append(e)
                 continue
-            request.inner, request.core = inner, core
+            request.inner = inner  # its member core set ``inner.core``
             inner.changed = request.changed  # a streamed call hears its inner call's tokens
             request.prompt_tokens, request.max_tokens = inner.prompt_tokens, inner.max_tokens
             self._pin(request.agent, core.name)
@@ -255,7 +260,7 @@ class Router:
         error = None if future.cancelled() else future.exception()  # also marks it retrieved
         if request.inner is not inner or request.own_status.finished:
             return  # withdrawn (cancel, close) before it ended
-        core = request.core
+        core = inner.core
         assert core is not None
         if future.cancelled():  # withdrawn on the member directly: the call is off
             request.inner = None
@@ -305,10 +310,10 @@ class Router:
         self._end(request, error if isinstance(error, AIOSError) else CoreError(str(error)))
 
     def _withdraw(self, request: RoutedRequest) -> None:
-        inner, core = request.inner, request.core
+        inner = request.inner
         request.inner = None  # its callback is stale from now on
-        if inner is not None and core is not None:
-            core.cancel(inner)
+        if inner is not None and inner.core is not None:
+            inner.core.cancel(inner)
 
     def _end(self, request: RoutedRequest, error: AIOSError) -> None:
         self.stats.failed += 1
@@ -318,7 +323,7 @@ class Router:
     # -- introspection -------------------------------------------------------------------------
     @property
     def live(self) -> list[RoutedRequest]:
-        """The calls routed and not finished yet (``request.core`` says where each runs)."""
+        """The calls routed and not finished yet (``request.member`` says where each runs)."""
         return list(self._live)
 
     @property

@@ -1,4 +1,6 @@
-"""OpenAI-compatible routes: ``GET /v1/models`` and ``POST /v1/chat/completions``.
+"""The OpenAI-compatible API's request body, and how a chat completion request becomes an
+LLM syscall and its completion an assistant message (the routes, ``GET /v1/models`` and
+``POST /v1/chat/completions``, are :mod:`aios.server.routes.openai`).
 
 Any OpenAI client or agent framework works unchanged with ``base_url=http://HOST:PORT/v1`` and
 an agent token as ``api_key``: its calls are LLM syscalls of that agent, scheduled, metered and
@@ -16,27 +18,13 @@ access-checked like any other. Differences from OpenAI, all deliberate:
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from aios.errors import AIOSError, InvalidRequest, ModelNotFound
-from aios.identity import Identity
+from aios.errors import InvalidRequest
 from aios.llm.toolcalls import Tool, answer_schema, instructions, parse_answer
-from aios.server.app import (
-    Caller,
-    Outcome,
-    Server,
-    collect,
-    exception_response,
-)
-from aios.server.http import ClientGone, EventStream, sse
-from aios.syscall import Completion, LLMCall, LLMRequest, Message, SamplingParams
+from aios.syscall import Completion, LLMCall, Message, SamplingParams
 
 
 class _Open(BaseModel):
@@ -233,113 +221,3 @@ def _text(content: str | list[ContentPart] | None) -> str:
             raise InvalidRequest(f"only text content parts are supported, got {part.type!r}")
         parts.append(part.text)
     return "".join(parts)
-
-
-def _usage(completion: Completion) -> dict[str, int]:
-    u = completion.usage
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
-
-
-def install_openai_routes(app: FastAPI, server: Server) -> None:
-    kernel = server.kernel
-
-    @app.get("/v1/models", tags=["openai"])
-    async def models(identity: Caller) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "aios"}
-                for name in kernel.cores
-            ],
-        }
-
-    @app.post("/v1/chat/completions", tags=["openai"])
-    async def chat_completions(
-        body: ChatCompletionIn,
-        identity: Caller,
-        request: Request,
-    ) -> Response:
-        model = body.model if body.model in kernel.cores else None
-        if model is None and server.config.strict_models:
-            raise ModelNotFound(f"no model {body.model!r}; see GET /v1/models")
-        plan = Plan(body, model or kernel.config.default_model)
-        process = server.admit(identity, plan.call, body.stream)
-        events = kernel.llm_stream(
-            process, plan.call, priority=body.priority, deltas=body.stream and not plan.tools
-        )
-        if body.stream:
-            return EventStream(
-                chunks(server, identity, plan, events),
-                on_error=lambda e: exception_response(request.url.path, e),
-            )
-        try:
-            outcome = await collect(events, request, Outcome())
-        except ClientGone:
-            return Response(status_code=499)
-        assert outcome.completion is not None
-        completion = outcome.completion
-        message, reason = plan.message(completion)
-        return JSONResponse(
-            {
-                "id": f"chatcmpl-{completion.syscall_id}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": completion.model,
-                "choices": [
-                    {"index": 0, "message": message, "finish_reason": reason, "logprobs": None}
-                ],
-                "usage": _usage(completion),
-                "system_fingerprint": None,
-            }
-        )
-
-
-async def chunks(
-    server: Server,
-    identity: Identity,
-    plan: Plan,
-    events: AsyncGenerator[LLMRequest | str | Completion, None],
-) -> AsyncGenerator[bytes, None]:
-    """``chat.completion.chunk`` frames, then ``[DONE]``. An error after the first frame is
-    sent as ``{"error": ...}`` (what OpenAI clients raise on)."""
-    created = int(time.time())
-    head: dict[str, Any] = {}
-
-    def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-        return sse({**head, "choices": [choice]})
-
-    async with aclosing(events), server.stream_slot(identity):
-        try:
-            async for event in events:
-                if isinstance(event, LLMRequest):
-                    head = {
-                        "id": f"chatcmpl-{event.id}",
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": plan.model,
-                    }
-                    yield chunk({"role": "assistant", "content": ""})
-                elif isinstance(event, str):
-                    yield chunk({"content": event})
-                else:
-                    message, reason = plan.message(event)
-                    if plan.tools:
-                        delta = {k: v for k, v in message.items() if k != "role"}
-                        for i, call in enumerate(delta.get("tool_calls", ())):
-                            call["index"] = i
-                        yield chunk(delta)
-                    yield chunk({}, reason)
-                    options = plan.body.stream_options
-                    if options is not None and options.include_usage:
-                        yield sse({**head, "choices": [], "usage": _usage(event)})
-                    yield sse("[DONE]")
-        except AIOSError as e:
-            if not head:
-                raise  # nothing sent yet: a plain HTTP error
-            code = e.code
-            yield sse({"error": {"message": str(e), "type": code, "code": code, "param": None}})

@@ -1,5 +1,5 @@
-"""The SIMULATED core (aios.llm.simulated): cost model, determinism, KV bookkeeping, running out
-of memory, a kernel on it and the no-kernel server, and the calibration file.
+"""The SIMULATED engine (aios.llm.sim.engine, on aios.llm.sim's cost model, tokens and KV
+pool): step timing, determinism, KV bookkeeping, running out of memory, and a core on it.
 
 Nothing here sleeps for real except one timing check: engines get ``time_scale=0`` or an
 injected ``sleep`` that records what it was asked to sleep.
@@ -9,37 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fakes import FakeEngine, PreemptAt, prompt_call
 
-from aios.config import CoreConfig, KernelConfig
+from aios.config import CoreConfig
 from aios.context import SnapshotStore
-from aios.errors import AIOSError, ConfigError, CoreError
-from aios.kernel import Kernel
+from aios.errors import ConfigError, CoreError
 from aios.llm.core import LLMCore, standalone
 from aios.llm.engine import BatchItem, KVCopy, Sampled, SeqRestore, SeqSave, SeqStart, StepPlan
-from aios.llm.simulated import (
-    EOG,
-    CostModel,
-    Generation,
-    OutOfMemory,
-    SimulatedEngine,
-    SimulatedServer,
-    tokenize,
-    tokenize_chat,
-)
+from aios.llm.sim import EOG, CostModel, OutOfMemory, SimulatedEngine, tokenize, tokenize_chat
 from aios.scheduler import FIFO
-from aios.syscall import Completion, LLMCall, Message, SamplingParams
+from aios.syscall import Completion, Message, SamplingParams
 
-CALIBRATION = (
-    Path(__file__).resolve().parents[1] / "bench" / "results" / "simulated_calibration.json"
-)
 FREE = CostModel(time_scale=0.0)  # the calibrated machine, never sleeping
 
 
@@ -91,42 +76,7 @@ def run_to_end(
     return tokens
 
 
-# -- the cost model -----------------------------------------------------------------------------
-def test_decode_time_goes_through_the_measured_points() -> None:
-    cost = CostModel.calibrated()
-    for batch, rate in cost.decode_tokens_per_s:
-        assert cost.decode_seconds(batch) == pytest.approx(batch / rate)
-    # Linear between points, the last segment's slope beyond them.
-    assert cost.decode_seconds(6) == pytest.approx((4 / 160 + 8 / 188) / 2)
-    slope = (16 / 192 - 8 / 188) / 8
-    assert cost.decode_seconds(32) == pytest.approx(16 / 192 + 16 * slope)
-    assert cost.decode_seconds(0) == 0.0
-    times = [cost.decode_seconds(b) for b in range(1, 300)]
-    assert times == sorted(times)  # a bigger batch never takes less time
-    assert cost.step_seconds(0, 0) == 0.0
-    assert cost.step_seconds(4, 100) == pytest.approx(4 / 160 + 100 / 280)
-    with_overhead = CostModel(step_overhead_s=0.002)
-    assert with_overhead.step_seconds(1, 0) == pytest.approx(0.002 + 1 / 128)
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        {"decode_tokens_per_s": ()},
-        {"decode_tokens_per_s": ((4, 100.0), (2, 100.0))},  # batch sizes out of order
-        {"decode_tokens_per_s": ((1, 100.0), (2, 400.0))},  # two sequences faster than one
-        {"decode_tokens_per_s": ((1, 0.0),)},
-        {"prefill_s_per_token": -1.0},
-        {"time_scale": float("nan")},
-        {"kv_cells": 0},
-        {"slots": True},
-    ],
-)
-def test_invalid_cost_models_are_rejected(bad: dict[str, Any]) -> None:
-    with pytest.raises(ConfigError, match="cost model"):
-        CostModel(**bad)
-
-
+# -- step timing -----------------------------------------------------------------------------------
 def test_step_sleeps_the_modeled_time_scaled() -> None:
     """The step lasts the modeled time: it sleeps for what its own bookkeeping left of it (a
     large time scale makes that bookkeeping negligible; the sleep is injected)."""
@@ -390,103 +340,7 @@ def test_out_of_memory_exactly_when_capacity_is_exceeded() -> None:
 
 def test_the_engine_must_fit_the_simulated_hardware() -> None:
     assert "simulated" in engine().description  # never mistaken for a real model
-    assert "simulated" in SimulatedServer(FREE).description
     with pytest.raises(ConfigError, match="KV cache"):
         SimulatedEngine(config(context_tokens=4096), CostModel(kv_cells=2048))
     with pytest.raises(ConfigError, match="sequences"):
         SimulatedEngine(config(slots=8, cache_slots=8), CostModel(slots=8))
-
-
-# -- a kernel on it, and the server without one -------------------------------------------------
-SYSTEM = "You are one of many agents. Answer the current step briefly and stay consistent. " * 3
-
-
-def agent_turns(i: int) -> list[tuple[str, int]]:
-    return [(f"Agent {i}: first step of task {i}.", 16 + i % 17), (f"Next step for {i}.", 24)]
-
-
-async def test_kernel_runs_50_agents_where_the_server_runs_out_of_memory() -> None:
-    cost = CostModel(kv_cells=2048, time_scale=0.0)
-    cfg = config(slots=8, cache_slots=8, context_tokens=2048, batch_tokens=256)
-    kernel = Kernel(KernelConfig(cores=(cfg,)), engine_factory=lambda c: SimulatedEngine(c, cost))
-    failures: list[AIOSError] = []
-    first_replies: dict[int, str] = {}
-
-    async def through_kernel(i: int) -> None:
-        process = kernel.register("agent")
-        messages = [Message("system", SYSTEM)]
-        try:
-            for text, max_tokens in agent_turns(i):
-                messages.append(Message("user", text))
-                call = LLMCall(
-                    messages=tuple(messages), params=SamplingParams(max_tokens=max_tokens)
-                )
-                done = await kernel.llm(process, call)
-                first_replies.setdefault(i, done.text)
-                messages.append(Message("assistant", done.text))
-        except AIOSError as e:
-            failures.append(e)
-        finally:
-            kernel.release(process)
-
-    async with asyncio.timeout(20), kernel:
-        await asyncio.gather(*(through_kernel(i) for i in range(50)))
-        stats = kernel.cores["sim"].stats
-        assert stats.completed == 100 and stats.failed == 0
-    assert failures == [] and len(first_replies) == 50
-
-    ooms: list[OutOfMemory] = []
-    replies: dict[int, Generation] = {}
-
-    async def direct(server: SimulatedServer, i: int) -> None:
-        text, max_tokens = agent_turns(i)[0]
-        try:
-            replies[i] = await server.generate(
-                [Message("system", SYSTEM), Message("user", text)], max_tokens
-            )
-        except OutOfMemory as e:
-            ooms.append(e)
-
-    async with asyncio.timeout(20), SimulatedServer(cost) as server:
-        await asyncio.gather(*(direct(server, i) for i in range(50)))
-        assert server.stats.oom_errors == len(ooms) > 0
-        assert server.stats.wasted_tokens > 0 and server.used_cells == 0
-    assert len(replies) + len(ooms) == 50 and replies
-    for i, reply in replies.items():  # the same simulated model: the same replies
-        assert reply.text == first_replies[i]
-
-
-async def test_server_frees_a_cancelled_callers_cells() -> None:
-    async with asyncio.timeout(5), SimulatedServer(CostModel(time_scale=0.001)) as server:
-        task = asyncio.create_task(server.generate("tell me everything", 10_000, ignore_eos=True))
-        while server.stats.decode_tokens < 3:
-            await asyncio.sleep(0.001)
-        assert server.used_cells > 0
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        done = await server.generate("short", 2)
-        assert done.completion_tokens == 2 and done.finish_reason == "length"
-        assert server.used_cells == 0
-
-
-async def test_server_refuses_calls_when_not_running() -> None:
-    server = SimulatedServer(FREE)
-    with pytest.raises(CoreError, match="not running"):
-        await server.generate("hello", 4)
-
-
-# -- the calibration file -----------------------------------------------------------------------
-def test_calibration_file_is_the_calibrated_model(tmp_path: Path) -> None:
-    assert CostModel.load(CALIBRATION) == CostModel.calibrated()
-    assert "bench/throughput.py" in CostModel.calibrated().source
-    custom = CostModel.calibrated(time_scale=0.01).scaled(0.02)
-    path = tmp_path / "cost.json"
-    custom.save(path)
-    assert CostModel.load(path) == custom
-    assert json.loads(path.read_text())["cost_model"]["time_scale"] == 0.02
-    path.write_text(json.dumps({"cost_model": {"prefill_s_per_tok": 1.0}}))
-    with pytest.raises(ConfigError, match="unknown fields"):
-        CostModel.load(path)
-    with pytest.raises(ConfigError, match="cannot read"):
-        CostModel.load(tmp_path / "missing.json")
