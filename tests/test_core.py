@@ -40,13 +40,15 @@ from aios.errors import (
     KernelShutdown,
     ModelNotFound,
     Overloaded,
+    SyscallCancelled,
 )
 from aios.kernel import Kernel
 from aios.llm.core import LLMCore
 from aios.llm.engine import BatchItem, KVCopy, SeqSave, SeqStart, StepPlan
 from aios.process import AgentState
+from aios.scheduler import FIFO
 from aios.sdk import Agent
-from aios.syscall import LLMCall, SamplingParams
+from aios.syscall import LLMCall, LLMRequest, SamplingParams
 
 
 def core_of(kernel: Kernel) -> LLMCore:
@@ -266,6 +268,25 @@ async def test_cancelled_caller_frees_its_slot() -> None:
     starts = starts_of(fake.plans, 0)
     assert len(starts) == 2
     assert any(1 < r <= starts[1] for r in releases_of(fake.plans, 0))
+
+
+async def test_a_request_knows_its_core_and_another_core_refuses_it() -> None:
+    async with running_kernel(slots=1) as (kernel, fake):
+        gate = hold(fake)
+        caller = asyncio.create_task(ask(kernel, "mine"))
+        await wait_until(lambda: fake.blocked)
+        core = core_of(kernel)
+        (request,) = [s for s, _ in kernel.syscalls.values() if isinstance(s, LLMRequest)]
+        assert request.core is core
+        other = LLMCore(core.config, lambda: fake, FIFO())
+        with pytest.raises(CoreError, match="not a request of core"):
+            other.cancel(request)  # a typed error, and the request is untouched
+        assert core.active == 1 and not request.status.finished
+        kernel.cancel(request)  # the kernel cancels through request.core
+        with pytest.raises(SyscallCancelled):
+            await caller
+        assert core.active == 0 and core.stats.cancelled == 1
+        gate.set()
 
 
 async def test_cancelled_while_queued_never_runs() -> None:

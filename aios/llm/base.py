@@ -9,10 +9,18 @@ shutdown, and sends every LLM syscall to one of them with ``submit``.
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from aios.config import AnyCoreConfig, CoreConfig, RemoteCoreConfig
+from aios.errors import AIOSError, CoreError, KernelShutdown, Overloaded
 from aios.syscall import AgentLedger, LLMCall, LLMRequest
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=LLMRequest)
 
 
 class AgentBook:
@@ -103,6 +111,89 @@ class Core(Protocol):
     ) -> LLMRequest: ...
     def cancel(self, request: LLMRequest) -> None: ...
     def forget(self, agent: str) -> None: ...
+
+
+class Counted(Protocol):
+    """The counters a queueing core updates here."""
+
+    cancelled: int
+
+
+class CoreQueue(Generic[R]):
+    """What the embedded and the remote core share: the queue of waiting requests, the
+    per-agent book, the wake event of the loop, the closed and dead states, the checks before
+    a call is queued, withdrawal by the caller, and what a crash of the loop leaves. A
+    subclass says how a request leaves it (``_withdraw``), how everything fails
+    (``_fail_all``) and whether it can take calls yet (``_check_started``)."""
+
+    name: str
+    config: CoreConfig | RemoteCoreConfig
+    stats: Counted
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._waiting: deque[R] = deque()
+        self._book = AgentBook()  # per-agent ledgers and output-length predictions
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._dead: CoreError | None = None
+
+    def _admissible(self) -> None:
+        """Raise the error a call gets if it cannot be queued now."""
+        if self._closed:
+            raise KernelShutdown("the kernel is shutting down")
+        if self._dead is not None:
+            raise self._dead
+        self._check_started()
+        if len(self._waiting) >= self.config.max_queue:
+            raise Overloaded(
+                f"core {self.name!r} has {len(self._waiting)} calls queued; retry later"
+            )
+
+    def _enqueue(self, request: R, kind: str) -> R:
+        """Queue ``request`` (it knows its core; ``kind`` keys its length prediction)."""
+        request.core = self  # type: ignore[assignment]  # every subclass satisfies Core
+        self._book.enroll(request, kind)
+        self._waiting.append(request)
+        self._wake.set()
+        return request
+
+    def cancel(self, request: LLMRequest) -> None:
+        """Withdraw a request (caller gone or deadline passed); frees what it held.
+        Idempotent."""
+        if request.status.finished:
+            return
+        self._withdraw(self._own(request))
+        request.cancel(self._clock())
+        self.stats.cancelled += 1
+        self._wake.set()
+
+    def _stopped(self, error: Exception) -> None:
+        """The loop itself failed: the core is dead, and no caller may be left hanging."""
+        log.exception("core %r stopped", self.name, exc_info=error)
+        self._dead = CoreError(f"core {self.name!r} stopped: {type(error).__name__}: {error}")
+        self._fail_all(self._dead)
+
+    def _own(self, request: LLMRequest) -> R:
+        """``request``, as one of this core's (a request of another core is a CoreError)."""
+        owner: object = request.core
+        if owner is not self:
+            raise CoreError(f"{request.id} is not a request of core {self.name!r}")
+        return request  # type: ignore[return-value]  # it was queued here, as an R
+
+    def _check_started(self) -> None:
+        """Raise CoreError if the core cannot take calls yet."""
+
+    def _withdraw(self, request: R) -> None:
+        raise NotImplementedError
+
+    def _fail_all(self, error: AIOSError) -> None:
+        raise NotImplementedError
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the queue (pre-empted ones included)."""
+        return len(self._waiting)
 
 
 def capacity_of(core: Core) -> int:

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,9 +44,8 @@ from aios.errors import (
     EngineCrashed,
     InvalidRequest,
     KernelShutdown,
-    Overloaded,
 )
-from aios.llm.base import AgentBook
+from aios.llm.base import CoreQueue
 from aios.llm.engine import BatchItem, Engine, Sampled, SeqStart, StepPlan
 from aios.llm.grammar import json_grammar
 from aios.llm.kvcache import KVCache
@@ -94,7 +92,7 @@ class CoreStats:
         return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
-class LLMCore:
+class LLMCore(CoreQueue[LLMRequest]):
     """Schedules LLM syscalls onto one engine with continuous batching."""
 
     def __init__(
@@ -104,12 +102,12 @@ class LLMCore:
         policy: Policy,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
+        super().__init__(clock)
+        self.config: CoreConfig = config
         self.name = config.name
         self.policy = policy
-        self.stats = CoreStats()
+        self.stats: CoreStats = CoreStats()
         self._engine_factory = engine_factory
-        self._clock = clock
         self._engine: Engine | None = None
         self._retired: list[Engine] = []  # crashed engines, closed once a fresh one took over
         # One thread owns the model: llama.cpp contexts are not thread-safe, and two
@@ -119,12 +117,7 @@ class LLMCore:
         )
         spill = Path(config.spill_dir) if config.spill_dir else None
         self.snapshots = SnapshotStore(config.snapshot_ram_mb * 2**20, spill)  # core thread only
-        self._waiting: deque[LLMRequest] = deque()
         self._kv = KVCache(config, self.stats)  # the slots, the sequences in them, KV reuse
-        self._book = AgentBook()  # per-agent ledgers and output-length predictions
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._dead: CoreError | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -137,6 +130,9 @@ class LLMCore:
         if self._engine is None:
             raise CoreError(f"core {self.name!r} is not started")
         return self._engine
+
+    def _check_started(self) -> None:
+        self.engine  # noqa: B018  (raises CoreError before start)
 
     async def close(self) -> None:
         """Fail everything still queued or running, then free the engine. Idempotent."""
@@ -183,15 +179,8 @@ class LLMCore:
     def submit(self, agent: str, call: LLMCall, *, priority: int = 0, kind: str = "") -> LLMRequest:
         """Validate and enqueue an LLM call; raise a typed error if it can never run.
         ``kind`` (the agent's program name) keys the output-length predictor."""
-        if self._closed:
-            raise KernelShutdown("the kernel is shutting down")
-        if self._dead is not None:
-            raise self._dead
+        self._admissible()
         engine = self.engine
-        if len(self._waiting) >= self.config.max_queue:
-            raise Overloaded(
-                f"core {self.name!r} has {len(self._waiting)} calls queued; retry later"
-            )
         if call.params.json_schema is not None:  # the engine compiles it (cached) at start
             json_grammar(call.params.json_schema)
         if call.messages:
@@ -217,20 +206,7 @@ class LLMCore:
                 f"{limit} tokens model {self.name!r} allows per sequence"
             )
         request = LLMRequest(agent, self._clock(), call, tokens, max_tokens, priority=priority)
-        request.core = self
-        self._book.enroll(request, kind)
-        self._waiting.append(request)
-        self._wake.set()
-        return request
-
-    def cancel(self, request: LLMRequest) -> None:
-        """Withdraw a request (caller gone or deadline passed); frees its slot. Idempotent."""
-        if request.status.finished:
-            return
-        self._withdraw(request)
-        request.cancel(self._clock())
-        self.stats.cancelled += 1
-        self._wake.set()
+        return self._enqueue(request, kind)
 
     def forget(self, agent: str) -> None:
         """``agent`` exited: free the KV it left cached or stashed and its scheduling ledger."""
@@ -244,9 +220,7 @@ class LLMCore:
         try:
             await self._loop()
         except Exception as e:  # a bug in the loop itself: no caller may be left hanging
-            log.exception("core %r stopped", self.name)
-            self._dead = CoreError(f"core {self.name!r} stopped: {type(e).__name__}: {e}")
-            self._fail_all(self._dead)
+            self._stopped(e)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -480,11 +454,6 @@ class LLMCore:
         return None
 
     # -- introspection -------------------------------------------------------------------------
-    @property
-    def queued(self) -> int:
-        """Requests waiting in the queue (pre-empted ones included)."""
-        return len(self._waiting)
-
     @property
     def active(self) -> int:
         """Requests running on a slot."""

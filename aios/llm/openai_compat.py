@@ -52,7 +52,6 @@ import logging
 import os
 import random
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +70,7 @@ from aios.errors import (
     ModelNotFound,
     Overloaded,
 )
-from aios.llm.base import AgentBook
+from aios.llm.base import CoreQueue
 from aios.scheduler import Capacity, Policy
 from aios.syscall import Completion, LLMCall, LLMRequest, Status, Usage
 
@@ -146,7 +145,7 @@ class _Retry(Exception):
         self.retry_after = retry_after
 
 
-class RemoteCore:
+class RemoteCore(CoreQueue[RemoteRequest]):
     """Schedules LLM syscalls onto an OpenAI-compatible server (see the module docstring)."""
 
     def __init__(
@@ -159,24 +158,19 @@ class RemoteCore:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        self.config = config
+        super().__init__(clock)
+        self.config: RemoteCoreConfig = config
         self.name = config.name
         self.policy = policy
-        self.stats = RemoteStats()
-        self._clock = clock
+        self.stats: RemoteStats = RemoteStats()
         self._transport = transport  # tests pass an in-process fake server
         self._sleep = sleep
         self._jitter = jitter
         self._client: httpx.AsyncClient | None = None
-        self._waiting: deque[RemoteRequest] = deque()
         self._running: list[RemoteRequest] = []
         # Tasks still alive, including pre-empted ones still closing their connection: a slot
         # is free only when its task has ended, so the server never sees more than the bound.
         self._tasks: set[asyncio.Task[None]] = set()
-        self._book = AgentBook()  # per-agent ledgers and output-length predictions
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._dead: CoreError | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -227,16 +221,7 @@ class RemoteCore:
         self, agent: str, call: LLMCall, *, priority: int = 0, kind: str = ""
     ) -> RemoteRequest:
         """Enqueue an LLM call; raise a typed error if it cannot be queued."""
-        if self._closed:
-            raise KernelShutdown("the kernel is shutting down")
-        if self._dead is not None:
-            raise self._dead
-        if self._client is None:
-            raise CoreError(f"core {self.name!r} is not started")
-        if len(self._waiting) >= self.config.max_queue:
-            raise Overloaded(
-                f"core {self.name!r} has {len(self._waiting)} calls queued; retry later"
-            )
+        self._admissible()
         text = call.prompt if call.prompt is not None else "".join(m.content for m in call.messages)
         max_tokens = call.params.max_tokens or self.config.default_max_tokens
         request = RemoteRequest(
@@ -247,25 +232,19 @@ class RemoteCore:
             max_tokens,
             priority=priority,
         )
-        request.core = self
-        self._book.enroll(request, kind)
-        self._waiting.append(request)
-        self._wake.set()
-        return request
+        return self._enqueue(request, kind)
 
-    def cancel(self, request: LLMRequest) -> None:
-        """Withdraw a request (caller gone or deadline passed): its stream is closed, which
-        tells the server to stop generating. Idempotent."""
-        if request.status.finished:
-            return
-        assert isinstance(request, RemoteRequest), "not a request of a remote core"
+    def _check_started(self) -> None:
+        if self._client is None:
+            raise CoreError(f"core {self.name!r} is not started")
+
+    def _withdraw(self, request: RemoteRequest) -> None:
+        """Off the queue, or off the server: its stream is closed, which tells the server to
+        stop generating."""
         if request.status is Status.QUEUED:
             self._waiting.remove(request)
         else:
             self._unbind(request)
-        request.cancel(self._clock())
-        self.stats.cancelled += 1
-        self._wake.set()
 
     def forget(self, agent: str) -> None:
         """``agent`` exited: drop its scheduling ledger (the server keeps no KV of ours)."""
@@ -280,9 +259,7 @@ class RemoteCore:
                 self._schedule()
                 await self._wake.wait()
         except Exception as e:  # a bug in the loop itself: no caller may be left hanging
-            log.exception("core %r stopped", self.name)
-            self._dead = CoreError(f"core {self.name!r} stopped: {type(e).__name__}: {e}")
-            self._fail_all(self._dead)
+            self._stopped(e)
         finally:
             # Cancelled without close(): still never leave a caller hanging on a dead stream.
             self._fail_all(KernelShutdown(f"core {self.name!r} stopped before the call finished"))
@@ -577,10 +554,6 @@ class RemoteCore:
             request.fail(now, error)
 
     # -- introspection -------------------------------------------------------------------------
-    @property
-    def queued(self) -> int:
-        return len(self._waiting)
-
     @property
     def active(self) -> int:
         return len(self._running)
