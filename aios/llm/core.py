@@ -262,8 +262,11 @@ class LLMCore(CoreQueue[LLMRequest]):
                 capacity = capacity.plus(request)
         sources = self._kv.running  # KV of these is complete before this step's operations
         for request in decision.admit:
-            if request.status is not Status.QUEUED or not capacity.fits(request):
-                break  # in order: never let a later request jump one that does not fit
+            # In order: never let a later request jump one that does not fit. The KV manager's
+            # own count also holds back a slot a copy of this step still reads.
+            fits = capacity.fits(request) and self._kv.capacity().fits(request)
+            if request.status is not Status.QUEUED or not fits:
+                break
             capacity = capacity.minus(request)
             self._admit(request, plan, sources, now)
         for request in self._kv.copy_deferred(plan):

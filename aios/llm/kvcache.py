@@ -88,6 +88,10 @@ class KVCache:
         self._stashed: OrderedDict[str, StashedSeq] = OrderedDict()  # by agent, LRU first
         self._stash_keys = itertools.count(1)
         self._pending = StepPlan()  # KV operations decided between steps, run in the next one
+        self._step = StepPlan()  # the plan being built (from take_pending on)
+        # Cached slots a copy of this step reads and that were evicted: cleared by a trim
+        # after the copies, so empty only once this step has run (take_pending).
+        self._cooling: list[int] = []
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -111,6 +115,12 @@ class KVCache:
         return list(self._empty)
 
     @property
+    def clearing(self) -> list[int]:
+        """Slots the planned step clears after its copies (a copy reads them first): empty
+        from the next step on."""
+        return list(self._cooling)
+
+    @property
     def reserved_cells(self) -> int:
         """KV cells reserved by running requests (each its prompt plus its max tokens)."""
         return sum(r.kv_need for r in self._running.values())
@@ -131,13 +141,18 @@ class KVCache:
     def capacity(self) -> Capacity:
         """What can be allocated now: slots for ``config.slots`` running requests at most (an
         empty or cached slot each) and the KV cells not reserved by running requests."""
-        free = min(self.config.slots - len(self._running), len(self._empty) + len(self._cached))
+        usable = len(self._empty) + sum(1 for s in self._cached if not _read(s, self._step))
+        free = min(self.config.slots - len(self._running), usable)
         return Capacity(free, self.config.kv_cells - self.reserved_cells)
 
     def take_pending(self) -> StepPlan:
-        """The KV operations decided since the last step: the start of the next step's plan."""
-        plan, self._pending = self._pending, StepPlan()
-        return plan
+        """The KV operations decided since the last step: the start of the next step's plan
+        (the one the verbs are given until the next call). The slots the last step cleared
+        after its copies are empty now."""
+        self._empty.extend(self._cooling)
+        self._cooling.clear()
+        self._step, self._pending = self._pending, StepPlan()
+        return self._step
 
     # -- admission -------------------------------------------------------------------------
     def allocate(self, request: LLMRequest, plan: StepPlan, sources: Sequence[LLMRequest]) -> int:
@@ -272,9 +287,10 @@ class KVCache:
         return True
 
     def _empty_slot(self, plan: StepPlan, keep: int | None) -> int:
-        """An empty slot, evicting the least recently used cached one (never ``keep``)."""
+        """An empty slot, evicting the least recently used cached one (never ``keep``, nor
+        one a copy of this step reads: that one is not empty before the step has run)."""
         if not self._empty:
-            victim = next(s for s in self._cached if s != keep)
+            victim = next(s for s in self._cached if s != keep and not _read(s, plan))
             self._evict(victim, plan)
         return self._empty.popleft()
 
@@ -316,8 +332,9 @@ class KVCache:
     def abandon(self) -> None:
         """Unbind every running request without planning anything: the core is closing or
         dead, and no step follows."""
-        self._empty.extend(self._running)
+        self._empty.extend([*self._running, *self._cooling])
         self._running.clear()
+        self._cooling.clear()
 
     def _unbind(self, request: LLMRequest) -> int:
         """Remove ``request`` from its slot's binding; returns the slot."""
@@ -341,6 +358,10 @@ class KVCache:
         self._clear_cached()
         for agent in [a for a, s in self._stashed.items() if s.key in saved]:
             del self._stashed[agent]
+        for slot in self._cooling:  # its trim may not have run: clear it in the next step
+            self._empty.append(slot)
+            self._pending.releases.append(slot)
+        self._cooling.clear()
 
     def reset(self) -> None:
         """The engine died: its KV went with it. Cached slots are cleared and stashed contexts
@@ -351,6 +372,8 @@ class KVCache:
         drops = [*self._pending.drops, *(s.key for s in self._stashed.values())]
         self._stashed.clear()
         self._pending = StepPlan(drops=drops)
+        self._empty.extend(self._cooling)
+        self._cooling.clear()
 
     def _clear_cached(self) -> None:
         for slot in list(self._cached):
@@ -361,13 +384,14 @@ class KVCache:
         into the snapshot store, restored on the agent's next call at ~1% of the cost of a
         prefill) unless ``stash`` is false or it is too short to be worth it."""
         cached = self._cached.pop(slot)
-        self._empty.append(slot)
         target = plan if plan is not None else self._pending
-        if plan is not None and any(copy.src == slot for copy in plan.copies):
+        if plan is not None and _read(slot, plan):
             # A copy in this very step reads this slot: clear it after the copies (a trim),
-            # not before them (saves and releases run first).
+            # not before them (saves and releases run first), and hand it out only after.
             plan.trims.append((slot, 0))
+            self._cooling.append(slot)
             return
+        self._empty.append(slot)
         if not (stash and len(cached.tokens) >= MIN_STASH and self.config.max_parked):
             target.releases.append(slot)
             return
@@ -385,6 +409,11 @@ class KVCache:
         while len(self._stashed) > self.config.max_parked:
             plan.drops.append(self._stashed.popitem(last=False)[1].key)
         self._counts.parked += 1
+
+
+def _read(slot: int, plan: StepPlan) -> bool:
+    """A copy of ``plan`` reads ``slot`` (so it is cleared only after the copies)."""
+    return any(copy.src == slot for copy in plan.copies)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
