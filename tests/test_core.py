@@ -339,8 +339,9 @@ async def test_deadline_exceeded_frees_the_slot(
     ],
 )
 async def test_engine_failure_fails_its_step_and_the_core_keeps_serving(
-    raised: Exception, expected: type[AIOSError], message: str
+    raised: Exception, expected: type[AIOSError], message: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("ERROR", logger="aios.llm.core")
     async with running_kernel(slots=2) as (kernel, fake):
         fake.fail_next = raised
         results = await asyncio.gather(ask(kernel, "a"), ask(kernel, "b"), return_exceptions=True)
@@ -351,6 +352,10 @@ async def test_engine_failure_fails_its_step_and_the_core_keeps_serving(
         assert core_of(kernel).stats.failed == 2
         assert (await ask(kernel, "again")).text == "ok"
         assert (core_of(kernel).active, core_of(kernel).queued) == (0, 0)
+    # An engine bug is logged with its traceback (its callers only see a CoreError); a typed
+    # error is the caller's to see, not a bug.
+    logged = [r for r in caplog.records if r.exc_info and r.exc_info[1] is raised]
+    assert len(logged) == (0 if isinstance(raised, AIOSError) else 1)
 
 
 async def test_engine_failure_fails_requests_admitted_without_tokens() -> None:

@@ -243,6 +243,7 @@ class LLMCore(CoreQueue[LLMRequest]):
                 self._fail_plan(plan, e)
                 continue
             except Exception as e:  # an engine bug must not kill the core or hang callers
+                log.exception("core %r: the engine failed a step", self.name)
                 self._fail_plan(plan, CoreError(f"{type(e).__name__}: {e}"))
                 continue
             finally:
