@@ -11,8 +11,8 @@ annotated destructive, and changes to another agent's (shared) files. They wait 
 approval queue (``aios approve list|allow|deny``) until decided or until their deadline, which
 means denied. No group skips approval by its name: only the groups the policy lists in
 ``exempt`` do, and each skip is audited as ``exempt``. Group names the kernel gives meaning to
-(``RESERVED_GROUPS``, and the exempt groups) cannot be claimed by a credential. One check at
-syscall entry covers every kind of syscall (``Kernel.submit`` and
+(``aios.identity.RESERVED_GROUPS``, and the exempt groups) cannot be claimed by a credential.
+One check at syscall entry covers every kind of syscall (``Kernel.submit`` and
 ``Kernel.llm_stream``).
 """
 
@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 from aios.config import AccessConfig
 from aios.errors import NotFound
-from aios.identity import RESERVED_GROUPS as RESERVED_GROUPS
 from aios.quota import Quota
 from aios.storage.files import Principal
 

@@ -65,10 +65,11 @@ def digest(token: str) -> str:
 class Identities:
     """The identity table (one SQLite file). Short transactions, safe beside a running server."""
 
-    def __init__(self, path: str | Path, reserved: Iterable[str] = RESERVED_GROUPS) -> None:
+    def __init__(self, path: str | Path, exempt: Iterable[str] = ()) -> None:
+        """``exempt``: the policy's groups that skip approvals, reserved as well."""
         self.path = Path(path)
         # Groups with powers by their name: no credential may claim them.
-        self.reserved = frozenset(reserved)
+        self.reserved = RESERVED_GROUPS | frozenset(exempt)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

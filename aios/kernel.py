@@ -356,7 +356,7 @@ class Kernel:
         request = ResourceCall(process.id, self.clock(), kind, op)
         request.resource = target(kind, op, args)
         request.job.deadline = time.monotonic() + budget
-        context = self._tool_context(process, request) if kind == "tools" else None
+        context = self._tool_context(process, request) if (kind, op) == ("tools", "call") else None
         work = self._resources.call(who, kind, op, args, request.job, context)
         if decision == "approve":
             work = self._approved(process, request, reason, work, args)

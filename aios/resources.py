@@ -83,6 +83,7 @@ class Resources:
         self.memory = MemoryManager(self.db, memory)
         secret = [*hidden, *([str(self.db.path.parent)] if self.db.path is not None else [])]
         self.tools = ToolManager(tools or ToolRegistry(builtin_tools(secret)))
+        self._ops: dict[tuple[str, str], Op] = {}
 
     @property
     def ephemeral(self) -> bool:
@@ -99,7 +100,14 @@ class Resources:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def op(self, kind: str, name: str) -> Op:
-        """The coroutine function of ``kind``.``name`` (who first, then the arguments)."""
+        """The coroutine function of ``kind``.``name`` (who first, then the arguments), built
+        once per operation (the kernel looks it up twice per syscall: check, then call)."""
+        found = self._ops.get((kind, name))
+        if found is None:
+            found = self._ops[kind, name] = self._build(kind, name)
+        return found
+
+    def _build(self, kind: str, name: str) -> Op:
         if kind == "memory" and name in MEMORY_OPS:
             method = getattr(self.memory, MEMORY_OPS[name])
 

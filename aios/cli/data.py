@@ -48,7 +48,7 @@ def _storage(config: str | None, database: str | None) -> Iterator[Any]:
     audit log's own commands only: agents' data goes through :func:`_operate`."""
     from aios.storage.db import Database
 
-    url = _database_url(config, database)
+    url = _database_url(_settings(config), database)
     db = Database.open(url)
     try:
         conn = db.connect()
@@ -64,11 +64,11 @@ def _storage(config: str | None, database: str | None) -> Iterator[Any]:
         conn.close()
 
 
-def _database_url(config: str | None, database: str | None) -> str:
+def _database_url(settings: Any, database: str | None) -> str:
     """The configured database; an error if it is a SQLite file that does not exist yet."""
     from aios.storage.db import Database
 
-    url = database or _settings(config).kernel.storage.database
+    url = database or settings.kernel.storage.database
     path = Database.open(url).path
     if path is not None and not Path(path).exists():
         err.print(f"[red]error:[/red] no database at {path} (has aios serve run?)")
@@ -103,14 +103,17 @@ def _operate(
         _say_error(e)
         raise typer.Exit(2) from None
     settings = _settings(config)
-    storage = dataclasses.replace(settings.kernel.storage, database=_database_url(config, database))
+    storage = dataclasses.replace(
+        settings.kernel.storage, database=_database_url(settings, database)
+    )
     kernel_config = dataclasses.replace(settings.kernel, storage=storage, mcp=())
     groups = _groups_of(settings, agent)
 
     async def go() -> Any:
         async with Kernel(kernel_config, llm=False) as kernel:
             kernel.access.on_ask = _ask_here
-            process = kernel.register(f"cli:{_operator()}", owner=agent, pid=f"cli:{_operator()}")
+            pid = f"cli:{_operator()}"
+            process = kernel.register(pid, owner=agent, pid=pid)
             process.groups = groups
             return await kernel.resource(process, kind, op, args)
 
@@ -123,13 +126,13 @@ def _operate(
 
 def _groups_of(settings: Any, agent: str) -> frozenset[str]:
     """The groups of ``agent``'s credential (none for an agent without one)."""
-    from aios.identity import RESERVED_GROUPS, Identities
+    from aios.identity import Identities
     from aios.server.main import DB_FILE
 
     path = settings.server.data_path / DB_FILE
     if not path.exists():
         return frozenset()
-    identities = Identities(path, RESERVED_GROUPS | set(settings.kernel.access.exempt))
+    identities = Identities(path, settings.kernel.access.exempt)
     try:
         found = [i for i in identities.list() if i.name == agent]
     finally:

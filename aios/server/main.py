@@ -20,7 +20,7 @@ from pathlib import Path
 import uvicorn
 
 from aios.errors import ConfigError
-from aios.identity import RESERVED_GROUPS, TOKEN_PREFIX, Identities
+from aios.identity import TOKEN_PREFIX, Identities
 from aios.kernel import EngineFactory, Kernel, llamacpp_engine
 from aios.server.app import create_app
 from aios.server.config import Settings
@@ -36,8 +36,7 @@ def open_identities(settings: Settings, env: dict[str, str] | None = None) -> Id
     use). The token itself is never logged."""
     env = dict(os.environ) if env is None else env
     data = settings.server.data_path
-    reserved = RESERVED_GROUPS | set(settings.kernel.access.exempt)
-    identities = Identities(data / DB_FILE, reserved)
+    identities = Identities(data / DB_FILE, settings.kernel.access.exempt)
     token = env.get("AIOS_ADMIN_TOKEN") or read_admin_token(data)
     if token is None:
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
