@@ -16,6 +16,14 @@ Records are appended by one writer task in batches (each batch one transaction, 
 up to ``linger`` seconds after the first record), so auditing adds no database round trip to a
 syscall and costs one commit per batch, not per syscall; a crash can lose the records of the
 last moments.
+
+The queue is bounded without losing a record: :meth:`AuditLog.record` always accepts (every
+call in flight ends with one), and the kernel refuses *new* syscalls (``Overloaded``, retry
+later) while the writer is ``max_pending`` records behind, so the backlog stays below that bound
+plus one record per call in flight. The writer drains far faster than the kernel makes
+syscalls (``bench/audit.py`` measures both), so the bound is reached only when the database
+stalls; refusing then, rather than dropping records or blocking calls that have already run,
+keeps the log complete and the kernel responsive.
 """
 
 from __future__ import annotations
@@ -149,25 +157,40 @@ def verify(conn: Conn, head: str | None = None) -> Verdict:
 
 
 class AuditLog:
-    """The kernel's writer: ``record`` never blocks a syscall; a task appends in batches."""
+    """The kernel's writer: ``record`` never blocks a syscall; :meth:`run` (a task of the
+    kernel's TaskGroup) appends in batches."""
 
-    def __init__(self, db: Database, max_batch: int = 512, linger: float = 0.02) -> None:
+    def __init__(
+        self, db: Database, max_batch: int = 512, linger: float = 0.02, max_pending: int = 50_000
+    ) -> None:
         self.db = db
         self.max_batch = max_batch
         self.linger = linger
+        self.max_pending = max_pending
         self._queue: asyncio.Queue[Record] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
         self.head = GENESIS
         self.written = 0
-        self.lost = 0
+        self.lost = 0  # records the database refused (logged)
+        self.refused = 0  # syscalls refused while the writer was max_pending behind
+        self.peak = 0  # the largest backlog seen
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._write(), name="audit")
+    @property
+    def pending(self) -> int:
+        """Records queued and not yet written."""
+        return self._queue.qsize()
+
+    @property
+    def behind(self) -> bool:
+        """The writer is ``max_pending`` records behind: the kernel takes no new syscall."""
+        return self._queue.qsize() >= self.max_pending
 
     def record(self, record: Record) -> None:
         self._queue.put_nowait(record)
+        self.peak = max(self.peak, self._queue.qsize())
 
-    async def _write(self) -> None:
+    async def run(self) -> None:
+        """Append what is recorded, in batches, until cancelled. Never raises: a database
+        error loses that batch (counted in ``lost`` and logged), not the kernel."""
         while True:
             batch = [await self._queue.get()]
             if self.linger > 0 and self._queue.qsize() < self.max_batch:
@@ -188,13 +211,8 @@ class AuditLog:
         """Return once everything recorded so far is written."""
         await self._queue.join()
 
-    async def close(self) -> None:
-        """Write what is queued, then stop the writer."""
-        if self._task is None:
-            return
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._queue.join(), timeout=10.0)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Before the writer stops: wait (up to ``timeout``) for what is queued to be written
+        (the writer, :meth:`run`, must be running)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)

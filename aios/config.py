@@ -12,6 +12,13 @@ from aios.quota import Quota
 POLICIES = ("fifo", "rr", "priority", "fair", "spf")
 
 
+def default_data_dir() -> str:
+    """Where a kernel keeps its data unless told otherwise: ``$XDG_DATA_HOME/aios``, else
+    ``~/.local/share/aios`` (the server's identities, admin token and database)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
+    return os.path.join(base, "aios")
+
+
 @dataclass(frozen=True)
 class CoreConfig:
     """One embedded LLM core: a model loaded once, serving ``slots`` sequences in one batch.

@@ -29,6 +29,7 @@ from aios.errors import (
     InvalidRequest,
     KernelShutdown,
     ModelNotFound,
+    Overloaded,
     PermissionDenied,
     SyscallCancelled,
 )
@@ -84,7 +85,6 @@ class Kernel:
         config: KernelConfig | None = None,
         *,
         engine_factory: EngineFactory = llamacpp_engine,
-        clock: Callable[[], float] = time.monotonic,
         tools: ToolRegistry | None = None,
         llm: bool = True,
         hidden: Iterable[str] = (),
@@ -98,10 +98,11 @@ class Kernel:
         self.cores: dict[str, Core] = {}
         self.processes: dict[str, AgentProcess] = {}
         self._engine_factory = engine_factory
-        self.clock = clock  # the clock of every timestamp the kernel records
-        self.quotas = Quotas(self.config.quota, clock=clock)
+        self._time: Callable[[], float] = time.monotonic  # the loop's, once running (see clock)
+        self.quotas = Quotas(self.config.quota, clock=self.clock)
         self._tasks: asyncio.TaskGroup | None = None
-        self._loops: list[asyncio.Task[None]] = []
+        self._loops: list[asyncio.Task[None]] = []  # the cores' decode loops
+        self._writer: asyncio.Task[None] | None = None  # the audit log's
         self._spawned: set[asyncio.Task[AgentProcess]] = set()
         self.syscalls: dict[str, tuple[Syscall, AgentProcess]] = {}
         # The memory, storage and tool managers and their database (a private temporary SQLite
@@ -116,7 +117,13 @@ class Kernel:
         self.audit = AuditLog(self._resources.db)  # every syscall, hash-chained
         self.access = Access(self.config.access)  # capabilities and approvals
         self._mcp: AsyncExitStack | None = None  # the MCP servers' sessions
-        self._background: set[asyncio.Future[Any]] = set()
+        self._calls: dict[str, asyncio.Task[None]] = {}  # resource calls' work, by syscall id
+
+    def clock(self) -> float:
+        """The kernel's one clock, in seconds: the running event loop's time. Deadlines (what
+        asyncio waits on), every timestamp the kernel records, quotas and scheduling all read
+        it, so a test loop whose time jumps ahead when every task waits moves them together."""
+        return self._time()
 
     @property
     def tools(self) -> ToolRegistry:
@@ -135,20 +142,17 @@ class Kernel:
 
     # -- lifespan --------------------------------------------------------------------------
     async def __aenter__(self) -> Kernel:
-        await self._resources.start()
-        self.audit.start()
-        if self.config.mcp and self._llm:  # MCP servers' tools join the registry (until exit)
-            from aios.tools.mcp import connect
+        self._time = asyncio.get_running_loop().time
+        async with AsyncExitStack() as undo:  # what has started stops again if a step fails
+            await self._resources.start()
+            undo.push_async_callback(self._resources.close)
+            if self.config.mcp and self._llm:  # MCP servers' tools join the registry
+                from aios.tools.mcp import connect
 
-            self._mcp = AsyncExitStack()
-            try:
+                self._mcp = AsyncExitStack()
+                undo.push_async_callback(self._mcp.aclose)
                 await connect(self.config.mcp, self._resources.tools.registry, self._mcp)
-            except BaseException:
-                await self._mcp.aclose()
-                await self.audit.close()
-                await self._resources.close()
-                raise
-        try:
+            undo.push_async_callback(self._close_cores)
             for cfg in self.config.cores if self._llm else ():  # every model loads first
                 if isinstance(cfg, RouterConfig):
                     continue  # built below, over the cores it names
@@ -159,18 +163,14 @@ class Kernel:
                 if isinstance(cfg, RouterConfig):
                     members = [self.cores[name] for name in cfg.cores]
                     self.cores[cfg.name] = Router(cfg, members, self.clock)
-        except BaseException:
-            await self._close_cores()
-            if self._mcp is not None:
-                await self._mcp.aclose()
-            await self.audit.close()
-            await self._resources.close()
-            raise
-        # One TaskGroup owns the kernel's long-lived tasks (the cores' decode loops).
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        for name, core in self.cores.items():
-            self._loops.append(self._tasks.create_task(core.run(), name=f"core-{name}"))
+            # One TaskGroup owns every task of the kernel: the audit writer, the cores' decode
+            # loops, spawned agents and the memory, storage and tool work of syscalls.
+            self._tasks = asyncio.TaskGroup()
+            await self._tasks.__aenter__()
+            self._writer = self._tasks.create_task(self.audit.run(), name="audit")
+            for name, core in self.cores.items():
+                self._loops.append(self._tasks.create_task(core.run(), name=f"core-{name}"))
+            undo.pop_all()
         return self
 
     async def __aexit__(
@@ -179,17 +179,24 @@ class Kernel:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Shutdown is cancellation: stop the loops, fail what is in flight, free the models.
-        The body's own exception propagates unchanged (not wrapped in an ExceptionGroup)."""
+        """Shutdown is cancellation: stop the agents, fail what is in flight, write the audit
+        records of it all, free the models. The body's own exception propagates unchanged
+        (not wrapped in an ExceptionGroup)."""
         tasks, self._tasks = self._tasks, None
-        for loop in [*self._loops, *self._spawned, *self._background]:
-            loop.cancel()
+        ending = [*self._loops, *self._spawned, *self._calls.values()]
+        for task in ending:
+            task.cancel()
         await self._close_cores()
+        if ending:
+            await asyncio.wait(ending)
+        if self._writer is not None:
+            await self.audit.drain()
+            self._writer.cancel()
+            self._writer = None
         if tasks is not None:
             await tasks.__aexit__(None, None, None)
         if self._mcp is not None:
             await self._mcp.aclose()
-        await self.audit.close()
         await self._resources.close()
 
     def _build_core(self, cfg: CoreConfig | RemoteCoreConfig) -> Core:
@@ -310,10 +317,14 @@ class Kernel:
 
     def cancel(self, syscall: Syscall) -> None:
         """Cancel a syscall in flight (its caller gets :class:`SyscallCancelled`). A memory or
-        storage call that has not started never will; one already running finishes."""
+        storage call that has not started never will; one already running finishes (its
+        transaction, and the manager's bookkeeping after it). A tool call is stopped where it
+        is (a tool in a thread holds its slot until it returns)."""
         if isinstance(syscall, ResourceCall) and not syscall.status.finished:
-            syscall.job.withdrawn = True
             syscall.cancel(self.clock())
+            task = self._calls.get(syscall.id)
+            if syscall.kind == "tools" and task is not None:
+                task.cancel()
         if isinstance(syscall, LLMRequest) and not syscall.status.finished and syscall.core:
             syscall.core.cancel(syscall)
 
@@ -342,10 +353,11 @@ class Kernel:
     ) -> ResourceCall:
         """Queue a memory or storage syscall on the database's workers (see :meth:`settle`).
         An unknown kind or operation raises at once (NotFound); nothing is queued."""
-        budget = self._budget(timeout)
+        budget = self._accept(timeout)
+        assert self._tasks is not None  # (running: checked by _accept)
         who = process.principal
         try:
-            self._resources.check(kind, op, args)
+            operation = self._resources.prepare(kind, op, args)
             decision, reason = self._decide(who, kind, op, args)
         except AIOSError as e:
             self._audit(process, kind, op, target(kind, op, args), "rejected", e.code)
@@ -353,20 +365,44 @@ class Kernel:
         if decision == "denied":
             self._audit(process, kind, op, target(kind, op, args), "denied", "permission_denied")
             raise PermissionDenied(f"{kind}.{op} is not allowed: {reason}")
-        request = ResourceCall(process.id, self.clock(), kind, op)
-        request.resource = target(kind, op, args)
-        request.job.deadline = time.monotonic() + budget
+        now = self.clock()
+        request = ResourceCall(
+            process.id,
+            now,
+            kind,
+            op,
+            deadline=now + budget,
+            clock=self.clock,
+            resource=target(kind, op, args),
+        )
         context = self._tool_context(process, request) if (kind, op) == ("tools", "call") else None
-        work = self._resources.call(who, kind, op, args, request.job, context)
+        work = operation.run(who, request.job, context)
         if decision == "approve":
             work = self._approved(process, request, reason, work, args)
         elif decision == "exempt":  # the policy lets its group skip the approval: audited so
             request.decision = "exempt"
-        request.work = asyncio.ensure_future(work)
-        self._background.add(request.work)
-        request.work.add_done_callback(self._settled)
+        task = self._tasks.create_task(self._run(request, work), name=request.id)
+        self._calls[request.id] = task
+        task.add_done_callback(lambda _: self._calls.pop(request.id, None))
         self._track(process, request)
         return request
+
+    async def _run(self, request: ResourceCall, work: Coroutine[Any, Any, Any]) -> None:
+        """The manager's work for ``request``, as a task of the kernel's TaskGroup: it ends
+        the call (unless the call was cancelled meanwhile: then its outcome is dropped), and
+        never raises (an error here belongs to the call, not to the kernel)."""
+        try:
+            result = await work
+        except asyncio.CancelledError:  # the kernel is shutting down
+            if not request.status.finished:
+                request.fail(self.clock(), KernelShutdown(f"{request.id}: the kernel stopped"))
+            raise
+        except Exception as e:
+            if not request.status.finished:
+                request.fail(self.clock(), e)
+        else:
+            if not request.status.finished:
+                request.complete(self.clock(), result)
 
     def _tool_context(self, process: AgentProcess, request: ResourceCall) -> ToolContext:
         """What a tool called by ``process`` may do as its caller: memory and storage
@@ -376,7 +412,7 @@ class Kernel:
         async def syscall(kind: str, op: str, args: dict[str, Any]) -> Any:
             if kind not in ("memory", "storage"):
                 raise InvalidRequest("a tool makes memory and storage calls only")
-            left = (request.job.deadline or time.monotonic()) - time.monotonic()
+            left = request.job.remaining() or 0.0
             if left < MIN_TIMEOUT:
                 raise DeadlineExceeded(f"{request.id} has no time left for {kind}.{op}")
             return await self.resource(process, kind, op, args, timeout=left)
@@ -384,35 +420,20 @@ class Kernel:
         return ToolContext(process.principal.name, syscall)
 
     async def settle(self, process: AgentProcess, request: ResourceCall) -> Any:
-        """Wait for a submitted memory or storage syscall: its result or its typed error.
-        Timed, in the process table and cancellable like an LLM call; the manager's own
-        bookkeeping finishes even if the caller leaves."""
-        work, job = request.work, request.job
-        assert work is not None
+        """Wait for a submitted memory, storage or tool syscall: its result or its typed
+        error. Timed, in the process table and cancellable like an LLM call; the manager's
+        own bookkeeping finishes even if the caller leaves (the call is then cancelled)."""
         try:
-            await asyncio.wait([work, request.future], return_when=asyncio.FIRST_COMPLETED)
-            if job.started is not None:  # admitted when a worker picked it up
-                request.timings.admitted = request.timings.submitted + job.waited
-            if not work.done():  # cancelled by the kernel (kill, or an explicit cancel)
-                raise SyscallCancelled(
-                    f"{request.id} was cancelled"
-                    + ("; it had started and may have been applied" if job.started else "")
-                )
-            error = work.exception()
-            if error is not None:
-                if not request.status.finished:
-                    request.fail(self.clock(), error)
-                    request.future.exception()  # the caller gets it raised here instead
-                raise error
-            result = work.result()
-            if not request.status.finished:
-                request.complete(self.clock(), result)
-            return result
+            return await asyncio.shield(request.future)
         except asyncio.CancelledError:
-            job.withdrawn = True
-            if not request.status.finished:
-                request.cancel(self.clock())
-            raise
+            caller = asyncio.current_task()
+            if caller is not None and caller.cancelling():  # the caller left
+                self.cancel(request)
+                raise
+            raise SyscallCancelled(  # cancelled by the kernel (kill, or an explicit cancel)
+                f"{request.id} was cancelled"
+                + ("; it had started and may have been applied" if request.started else "")
+            ) from None
         finally:
             process.account(request, None)
             self._audit(
@@ -468,8 +489,7 @@ class Kernel:
                 work.close()
                 raise
         pending = self.access.ask(who, process.id, cap, reason)
-        deadline = request.job.deadline or time.monotonic()
-        limit = min(self.access.config.approval_timeout, deadline - time.monotonic())
+        limit = min(self.access.config.approval_timeout, request.job.remaining() or 0.0)
         allowed = False
         try:
             async with asyncio.timeout(max(0.0, limit)):
@@ -503,12 +523,18 @@ class Kernel:
             )
         )
 
-    def _settled(self, work: asyncio.Future[Any]) -> None:
-        self._background.discard(work)
-        if not work.cancelled():
-            work.exception()  # retrieved: a caller that left never sees it
-
-    def _budget(self, timeout: float | None) -> float:
+    def _accept(self, timeout: float | None) -> float:
+        """Whether the kernel takes a new syscall now, and its time budget (seconds). While the
+        audit writer is ``max_pending`` records behind, new calls are refused (the calls in
+        flight still end, and are recorded): see aios.audit."""
+        if self._tasks is None:
+            raise KernelShutdown("the kernel is not running")
+        if self.audit.behind:
+            self.audit.refused += 1
+            raise Overloaded(
+                f"the audit log is {self.audit.pending} records behind (its database is slow); "
+                "retry shortly"
+            )
         if timeout is not None and not timeout >= MIN_TIMEOUT:
             raise InvalidRequest(
                 f"timeout must be >= {MIN_TIMEOUT} seconds (no syscall ends sooner), "
@@ -552,9 +578,8 @@ class Kernel:
         cancel), then its text as it becomes final (never a piece a stop string later cuts
         off), then the :class:`Completion`. Errors before the request is queued raise before
         anything is yielded. Closing the iterator early cancels the call and frees its slot."""
-        budget = self._budget(timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget
+        budget = self._accept(timeout)
+        deadline = self.clock() + budget
         core = self.core_for(call.model)
         op = "chat" if call.messages else "complete"
         decision, reason = self.access.decide(process.principal, capability("llm", op, core.name))
@@ -633,10 +658,9 @@ class Kernel:
         are ordinary memory syscalls of the agent (access-checked, approved, audited)."""
         if not call.messages:
             raise InvalidRequest("memory works with chat calls (messages), not a raw prompt")
-        loop = asyncio.get_running_loop()
 
         async def read(op: str, args: dict[str, Any]) -> Any:
-            left = max(deadline - loop.time(), MIN_TIMEOUT)
+            left = max(deadline - self.clock(), MIN_TIMEOUT)
             return await self.resource(process, "memory", op, args, timeout=left)
 
         turns: list[dict[str, Any]] = []
@@ -678,7 +702,7 @@ class Kernel:
         if call.prompt is not None:
             turns.append(("user", call.prompt))
         turns.append(("assistant", completion.text))
-        left = deadline - asyncio.get_running_loop().time()
+        left = deadline - self.clock()
         if left < MIN_TIMEOUT:
             raise DeadlineExceeded(
                 "the answer came, but no time was left to record it in the history"

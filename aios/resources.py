@@ -3,21 +3,24 @@ their results as JSON values (plus ``bytes`` for file content).
 
     resources = Resources(config.storage, config.memory)
     await resources.start()
-    args = {"path": "a.txt", "content": "hi"}
-    stat = await resources.call(principal, "storage", "write", args, job)
+    write = resources.prepare("storage", "write", {"path": "a.txt", "content": "hi"})
+    stat = await write.run(principal, Job())
 
-The kernel wraps :meth:`Resources.call` in a :class:`ResourceCall` (queued, timed, in the
-process table, cancellable) exactly as it wraps an LLM call in an ``LLMRequest``.
+:meth:`Resources.prepare` checks and binds the arguments once (an unknown operation or
+arguments that do not fit raise before anything runs); the kernel then decides on the call and
+runs it as a :class:`ResourceCall` (queued, timed, in the process table, cancellable), exactly
+as it wraps an LLM call in an ``LLMRequest``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +30,7 @@ from aios.identity import check_name
 from aios.memory.manager import MemoryManager
 from aios.storage.db import Database, Job
 from aios.storage.files import Files, Principal
-from aios.syscall import Syscall
+from aios.syscall import Status, Syscall
 from aios.tools.builtin import builtin_tools
 from aios.tools.manager import ToolManager
 from aios.tools.registry import ToolRegistry
@@ -46,16 +49,62 @@ STORAGE_OPS = ("write", "read", "stat", "ls", "delete", "mkdir", "move", "histor
 
 
 class ResourceCall(Syscall):
-    """A memory or storage syscall: ``kind`` is "memory" or "storage", ``op`` the operation."""
+    """A memory, storage or tool syscall: ``kind`` "memory", "storage" or "tools", ``op`` the
+    operation. One future (the caller's, :attr:`future`), one deadline (its :attr:`job`'s, what
+    the worker that runs it sees) and one set of timings: the job's start is the call's
+    admission."""
 
-    def __init__(self, agent: str, now: float, kind: str, op: str) -> None:
+    def __init__(
+        self,
+        agent: str,
+        now: float,
+        kind: str,
+        op: str,
+        *,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        resource: str = "",
+    ) -> None:
         super().__init__(agent, now)
         self.kind = kind
         self.op = op
-        self.job = Job()
-        self.work: asyncio.Future[Any] | None = None  # the manager's work (see Kernel.submit)
-        self.resource = ""  # what it touches, for the audit log (see target)
+        self.job = Job(deadline, clock)
+        self.resource = resource  # what it touches, for the audit log (see target)
         self.decision = "allowed"  # the access manager's: allowed, exempt, approved, rejected
+
+    @property
+    def deadline(self) -> float | None:
+        return self.job.deadline
+
+    @property
+    def started(self) -> bool:
+        """A worker took it: cancelled now, it may still have been applied."""
+        return self.job.started is not None
+
+    def cancel(self, now: float) -> None:
+        """The caller gets :class:`SyscallCancelled`; a call no worker took never runs."""
+        self.job.withdrawn = True
+        super().cancel(now)
+
+    def _end(self, status: Status, now: float) -> None:
+        self.timings.admitted = self.job.started
+        super()._end(status, now)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One memory, storage or tool operation with its arguments checked and bound."""
+
+    kind: str
+    name: str
+    fn: Op
+    bound: inspect.BoundArguments
+
+    async def run(self, who: Principal, job: Job, context: ToolContext | None = None) -> Any:
+        """Its result as JSON values (and bytes). A tool call gets the ``context`` the kernel
+        made for its caller, whose own syscalls go through the access check again."""
+        extra = {"context": context} if (self.kind, self.name) == ("tools", "call") else {}
+        return jsonable(await self.fn(who, *self.bound.args, job=job, **self.bound.kwargs, **extra))
 
 
 class Resources:
@@ -155,13 +204,19 @@ class Resources:
         call_tool.__signature__ = _tail(inspect.signature(call_tool))  # type: ignore[attr-defined]
         return call_tool
 
-    def check(self, kind: str, name: str, args: Any) -> None:
-        """Raise as :meth:`call` would for an unknown operation or arguments that do not fit
-        it (nothing runs): the kernel checks this before deciding or asking anyone."""
-        bind(f"{kind}.{name}", self.op(kind, name), args)
-        owner = args.get("owner") if kind == "storage" else None
-        if owner is not None:
-            check_name(owner, "owner")
+    def prepare(self, kind: str, name: str, args: Any) -> Operation:
+        """``kind``.``name`` with ``args`` bound, ready to run; raises, and nothing runs, for an
+        unknown operation or arguments that do not fit it (the kernel prepares a call before
+        deciding on it or asking anyone)."""
+        fn = self.op(kind, name)
+        bound = bind(f"{kind}.{name}", fn, args)
+        if kind == "storage":
+            owner = bound.arguments.get("owner")
+            if owner is not None:
+                check_name(owner, "owner")
+            if name == "write":
+                bound.arguments["content"] = content(bound.arguments.get("content"))
+        return Operation(kind, name, fn, bound)
 
     async def call(
         self,
@@ -172,15 +227,8 @@ class Resources:
         job: Job,
         context: ToolContext | None = None,
     ) -> Any:
-        """Run one operation; its result as JSON values (and bytes). Only the kernel calls
-        this, after its access check (``Kernel.submit``); a tool call gets the ``context``
-        the kernel made for its caller, whose own syscalls go through that check again."""
-        fn = self.op(kind, name)
-        bound = bind(f"{kind}.{name}", fn, args)
-        if kind == "storage" and name == "write":
-            bound.arguments["content"] = content(bound.arguments.get("content"))
-        extra = {"context": context} if (kind, name) == ("tools", "call") else {}
-        return jsonable(await fn(who, *bound.args, job=job, **bound.kwargs, **extra))
+        """Prepare and run one operation, without the kernel (its tests and benchmarks)."""
+        return await self.prepare(kind, name, args).run(who, job, context)
 
 
 def target(kind: str, op: str, args: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from aios.access import Pending
 from aios.config import CoreConfig, KernelConfig
 from aios.errors import CoreError
 from aios.kernel import Kernel
@@ -338,29 +339,17 @@ CORE_DEFAULTS: dict[str, Any] = {
 }
 
 
-class TickClock:
-    """A clock that advances one second per reading: every timestamp is distinct."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
-
-
 def make_kernel(
     reply: Reply | None = None,
     *,
     syscall_timeout: float = 600.0,
-    clock: Callable[[], float] = time.monotonic,
     **core_overrides: Any,
 ) -> tuple[Kernel, FakeFactory]:
     """A kernel with one core named "fake" on a :class:`FakeEngine` (made when it starts)."""
     core = CoreConfig(name="fake", model="fake", **{**CORE_DEFAULTS, **core_overrides})
     factory = FakeFactory(reply)
     config = KernelConfig(cores=(core,), syscall_timeout=syscall_timeout)
-    return Kernel(config, engine_factory=factory, clock=clock), factory
+    return Kernel(config, engine_factory=factory), factory
 
 
 @contextlib.asynccontextmanager
@@ -409,3 +398,10 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> Non
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.001)
+
+
+def asked(kernel: Kernel) -> asyncio.Queue[Pending]:
+    """Each approval the kernel asks for from now on, as it is asked (no polling)."""
+    queue: asyncio.Queue[Pending] = asyncio.Queue()
+    kernel.access.on_ask = queue.put_nowait
+    return queue

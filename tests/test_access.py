@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import CORE_DEFAULTS, FakeFactory
+from fakes import CORE_DEFAULTS, FakeFactory, asked
 from servers import serve
 
 from aios.access import Access, capability
@@ -120,12 +120,12 @@ async def test_a_prompt_injection_asking_for_a_destructive_action_waits_and_is_d
         assert time.monotonic() - start < 2  # waited for approval (0.3 s), then denied
         assert destroyed == [] and k.access.pending == {}
         # With a person's approval the same call runs.
+        approvals = asked(k)
         call = asyncio.ensure_future(k.resource(
             p, "tools", "call", {"name": "wipe_all", "arguments": {"confirm": True}}, timeout=5
         ))  # fmt: skip
-        while not k.access.pending:
-            await asyncio.sleep(0.01)
-        (pending,) = k.access.pending.values()
+        pending = await approvals.get()
+        assert list(k.access.pending.values()) == [pending]
         assert pending.capability == "tools.call:wipe_all" and pending.principal == "alice"
         k.access.resolve(pending.id, allow=True)
         assert await call == "wiped" and destroyed == ["everything"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import CORE_DEFAULTS, FakeFactory
+from fakes import CORE_DEFAULTS, FakeFactory, asked
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from servers import serve
@@ -106,10 +106,10 @@ async def test_a_tool_write_waits_for_the_approval_a_direct_write_needs(tmp_path
     async with kernel(tmp_path, approve=("storage.write:*",), approval_timeout=5.0) as k:
         p = k.register("agent", owner="alice")
         write = {"name": "write_file", "arguments": {"path": "x.txt", "content": "v1"}}
+        approvals = asked(k)
         call = asyncio.ensure_future(k.resource(p, "tools", "call", write))
-        while not k.access.pending:
-            await asyncio.sleep(0.01)
-        (pending,) = k.access.pending.values()
+        pending = await approvals.get()
+        assert list(k.access.pending.values()) == [pending]
         assert pending.capability == "storage.write:x.txt" and pending.principal == "alice"
         assert not call.done()  # nothing is written before a person decides
         assert rows(tmp_path / "aios.db", "files") == 0
@@ -118,9 +118,7 @@ async def test_a_tool_write_waits_for_the_approval_a_direct_write_needs(tmp_path
             await call
         assert rows(tmp_path / "aios.db", "files") == 0
         call = asyncio.ensure_future(k.resource(p, "tools", "call", write))
-        while not k.access.pending:
-            await asyncio.sleep(0.01)
-        k.access.resolve(next(iter(k.access.pending)), allow=True)
+        k.access.resolve((await approvals.get()).id, allow=True)
         assert (await call)["version"] >= 1
         await k.audit.flush()
     records = audit(tmp_path / "aios.db")

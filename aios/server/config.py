@@ -63,16 +63,12 @@ from aios.config import (
     RemoteCoreConfig,
     RouterConfig,
     StorageConfig,
+    default_data_dir,
 )
 from aios.errors import ConfigError
 from aios.quota import Quota
 
 T = TypeVar("T")
-
-
-def default_data_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
-    return os.path.join(base, "aios")
 
 
 @dataclass(frozen=True)

@@ -123,19 +123,28 @@ class Conn:
 
 @dataclass
 class Job:
-    """A unit of database work a caller waits for; ``withdrawn`` before it starts means it
-    never runs (nothing changes)."""
+    """A unit of work a caller waits for (a database job, a tool run), on the caller's clock.
+    Withdrawn before it starts, it never runs (nothing changes)."""
 
-    deadline: float | None = None  # time.monotonic()
+    deadline: float | None = None  # on ``clock``
+    clock: Callable[[], float] = time.monotonic  # the kernel's (safe to read from a worker)
     withdrawn: bool = False
-    submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
 
-    @property
-    def waited(self) -> float:
-        """Seconds it waited for a worker."""
-        return 0.0 if self.started is None else self.started - self.submitted
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (negative once past); None without one."""
+        return None if self.deadline is None else self.deadline - self.clock()
+
+    def begin(self) -> None:
+        """A worker takes the job: it raises if the job was withdrawn or its deadline passed
+        while it waited (it never runs), and otherwise records its start."""
+        if self.withdrawn:
+            raise SyscallCancelled("withdrawn before it started")
+        left = self.remaining()
+        if left is not None and left < 0:
+            raise DeadlineExceeded("the deadline passed while it was queued; nothing changed")
+        self.started = self.clock()
 
 
 @dataclass
@@ -253,12 +262,16 @@ class Database:
         self._pending += 1
         try:
             future = asyncio.get_running_loop().run_in_executor(pool, self._work, fn, job)
-            timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
+            left = job.remaining()
             try:
-                return await asyncio.wait_for(asyncio.shield(future), timeout)
-            except TimeoutError:
-                job.withdrawn = True
+                return await asyncio.wait_for(
+                    asyncio.shield(future), None if left is None else max(0.0, left)
+                )
+            except (TimeoutError, asyncio.CancelledError) as e:
+                job.withdrawn = True  # a worker that has not taken it yet never will
                 future.add_done_callback(_retrieve)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
                 if job.started is None:
                     raise DeadlineExceeded(
                         "the call's deadline passed while it was queued; nothing was changed"
@@ -266,19 +279,11 @@ class Database:
                 raise DeadlineExceeded(
                     "the call's deadline passed while it ran; it may have been applied"
                 ) from None
-            except asyncio.CancelledError:
-                job.withdrawn = True
-                future.add_done_callback(_retrieve)
-                raise
         finally:
             self._pending -= 1
 
     def _work(self, fn: Callable[[Conn], T], job: Job) -> T:
-        if job.withdrawn:
-            raise SyscallCancelled("withdrawn before it started")
-        if job.deadline is not None and time.monotonic() > job.deadline:
-            raise DeadlineExceeded("the deadline passed while it was queued; nothing changed")
-        job.started = time.monotonic()
+        job.begin()
         try:
             return fn(self._local.conn)
         except AIOSError:
@@ -286,7 +291,7 @@ class Database:
         except Exception as e:  # the driver's own errors: typed, without the driver's types
             raise StorageError(f"database error: {type(e).__name__}: {e}".strip()) from None
         finally:
-            job.finished = time.monotonic()
+            job.finished = job.clock()
 
     @property
     def pending(self) -> int:

@@ -16,7 +16,6 @@ import asyncio
 import functools
 import inspect
 import json
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,9 +60,9 @@ class ToolManager:
         slots = self._slots.setdefault(spec.name, asyncio.Semaphore(spec.concurrency))
         stats = self.stats.setdefault(spec.name, ToolStats())
         stats.calls += 1
-        remaining = None if job.deadline is None else job.deadline - time.monotonic()
+        remaining = job.remaining()
         try:
-            async with asyncio.timeout(remaining):
+            async with asyncio.timeout(None if remaining is None else max(0.0, remaining)):
                 await slots.acquire()
         except TimeoutError:
             stats.timeouts += 1
@@ -74,7 +73,7 @@ class ToolManager:
         if job.withdrawn:
             slots.release()
             raise ToolError(f"the call of {name!r} was withdrawn before it ran")
-        job.started = time.monotonic()
+        job.started = job.clock()
         stats.running += 1
         stats.peak = max(stats.peak, stats.running)
         released = handed_off = False
@@ -88,8 +87,8 @@ class ToolManager:
 
         try:
             limit = spec.timeout
-            if job.deadline is not None:
-                limit = min(limit, job.deadline - time.monotonic())
+            if (left := job.remaining()) is not None:
+                limit = min(limit, left)
             work, done = self._start(spec, params, ctx)
             try:
                 async with asyncio.timeout(max(0.0, limit)):

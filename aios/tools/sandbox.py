@@ -89,7 +89,7 @@ class Outcome:
 def default_hidden() -> tuple[str, ...]:
     """What code must never see: the kernel's data directory (``$AIOS_DATA_DIR``, the default
     one, and ``~/.local/share/aios``) and the directory of ``$AIOS_DATABASE`` (SQLite)."""
-    from aios.server.config import default_data_dir
+    from aios.config import default_data_dir
 
     paths = [default_data_dir(), os.path.join(os.path.expanduser("~"), ".local", "share", "aios")]
     paths += [p for p in (os.environ.get("AIOS_DATA_DIR"), _database_dir()) if p]
