@@ -33,6 +33,7 @@ from aios.errors import (
     PermissionDenied,
     SyscallCancelled,
 )
+from aios.events import EventBus
 from aios.llm.base import Core
 from aios.llm.core import LLMCore
 from aios.llm.engine import Engine
@@ -116,6 +117,7 @@ class Kernel:
         )
         self.audit = AuditLog(self._resources.db)  # every syscall, hash-chained
         self.access = Access(self.config.access)  # capabilities and approvals
+        self.events = EventBus(self.clock)  # what happens, for whoever watches (aios.events)
         self._mcp: AsyncExitStack | None = None  # the MCP servers' sessions
         self._calls: dict[str, asyncio.Task[None]] = {}  # resource calls' work, by syscall id
 
@@ -195,6 +197,7 @@ class Kernel:
             self._writer = None
         if tasks is not None:
             await tasks.__aexit__(None, None, None)
+        self.events.close()
         if self._mcp is not None:
             await self._mcp.aclose()
         await self._resources.close()
@@ -489,6 +492,10 @@ class Kernel:
                 work.close()
                 raise
         pending = self.access.ask(who, process.id, cap, reason)
+        self.events.publish(
+            "approval", principal=who.name, process=process.id, syscall=pending.id,
+            state="asked", data={"capability": cap, "call": request.id},
+        )  # fmt: skip
         limit = min(self.access.config.approval_timeout, request.job.remaining() or 0.0)
         allowed = False
         try:
@@ -501,6 +508,10 @@ class Kernel:
                 pending.decided.set_result(False)
             if not allowed:
                 work.close()  # it never starts
+        self.events.publish(
+            "approval", principal=who.name, process=process.id, syscall=pending.id,
+            state="allowed" if allowed else "denied", data={"capability": cap, "call": request.id},
+        )  # fmt: skip
         if not allowed:
             request.decision = "rejected"
             raise PermissionDenied(f"{cap} needs approval and was denied: {reason}")
@@ -712,9 +723,28 @@ class Kernel:
         await asyncio.shield(self.settle(process, request))
 
     def _track(self, process: AgentProcess, syscall: Syscall) -> None:
+        syscall.observer = functools.partial(self._observed, process)
+        self._observed(process, syscall, syscall.status.value)
         process.inflight.append(syscall)
         self.syscalls[syscall.id] = (syscall, process)
         self._prune(self.syscalls, MAX_FINISHED, lambda entry: entry[0].status.finished)
+
+    def _observed(self, process: AgentProcess, syscall: Syscall, state: str) -> None:
+        """A syscall's state change, on the event bus."""
+        if self.events.watched:
+            if isinstance(syscall, ResourceCall):
+                op = syscall.op
+            else:  # an LLM call: which core has it
+                core = syscall.core if isinstance(syscall, LLMRequest) else None
+                op = core.name if core is not None else ""
+            self.events.publish(
+                "syscall",
+                principal=process.principal.name,
+                process=process.id,
+                syscall=syscall.id,
+                state=state,
+                data={"kind": syscall.kind, "op": op},
+            )
 
     @staticmethod
     def _prune(table: dict[str, V], limit: int, finished: Callable[[V], bool]) -> None:

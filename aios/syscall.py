@@ -12,6 +12,7 @@ import codecs
 import enum
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -232,6 +233,8 @@ class Syscall:
         self.error: BaseException | None = None
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.changed: asyncio.Event | None = None  # see watch()
+        # Told of each state change (the kernel publishes it on its event bus: aios.events).
+        self.observer: Callable[[Syscall, str], None] | None = None
 
     def watch(self) -> asyncio.Event:
         """An event set whenever the call makes progress (a token) or ends; the watcher
@@ -248,11 +251,15 @@ class Syscall:
         self.status = Status.RUNNING
         if self.timings.admitted is None:  # a re-admission after pre-emption keeps the first
             self.timings.admitted = now
+        if self.observer is not None:
+            self.observer(self, "running")
 
     def preempt(self) -> None:
         """RUNNING -> QUEUED: the resource was taken back; the call waits to be re-admitted."""
         assert self.status is Status.RUNNING, self.status
         self.status = Status.QUEUED
+        if self.observer is not None:
+            self.observer(self, "preempted")
 
     def complete(self, now: float, result: Any) -> None:
         self._end(Status.DONE, now)
@@ -275,6 +282,8 @@ class Syscall:
         self.timings.finished = now
         if self.changed is not None:
             self.changed.set()
+        if self.observer is not None:
+            self.observer(self, status.value)
 
 
 class LLMRequest(Syscall):
@@ -338,6 +347,8 @@ class LLMRequest(Syscall):
         everything it generated, is gone. Keeps its submit and first admission times."""
         assert not self.status.finished, self.status
         self.status = Status.QUEUED
+        if self.observer is not None:
+            self.observer(self, "restarted")
         self.restarts += 1
         self.output_tokens = []
         self.text = ""

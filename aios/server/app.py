@@ -23,6 +23,7 @@ from aios.server.http import BodyLimit, ContainErrors
 from aios.server.routes import (
     agents,
     approvals,
+    events,
     llm,
     openai,
     processes,
@@ -59,6 +60,7 @@ def create_app(
         llm.router,
         resources.router,
         approvals.router,
+        events.router,
         syscalls.router,
         processes.router,
         agents.router,
