@@ -11,6 +11,7 @@ blob, half a note) is detectable even for versions that were committed but never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -180,7 +181,10 @@ async def run_and_kill(url: str, tmp_path: Path) -> tuple[list[FileAck | NoteAck
         os.kill(child.pid, signal.SIGKILL)  # mid-stream: no clean shutdown
     finally:
         if child.returncode is None:
-            child.kill()
+            # os.kill, not child.kill(): Popen.kill polls first and would reap the zombie
+            # itself, so asyncio's child watcher would find no child and report status 255.
+            with contextlib.suppress(ProcessLookupError):  # reaped, not yet reported
+                os.kill(child.pid, signal.SIGKILL)
         # What it acknowledged before the signal landed counts too.
         async with asyncio.timeout(30):
             for line in (await child.stdout.read()).splitlines(keepends=True):
