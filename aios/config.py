@@ -329,6 +329,47 @@ class McpServerConfig:
 
 
 @dataclass(frozen=True)
+class ObservabilityConfig:
+    """Traces and metrics (see aios.tracing, aios.metrics).
+
+    ``tracing``: None (the default) turns spans on when an OTLP endpoint is set here or in the
+    standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``; true
+    records spans even with nowhere to send them (a provider passed to the kernel, a test);
+    false never. ``otlp_endpoint``: an OTLP/HTTP collector's base URL
+    (``http://localhost:4318``; traces go to its ``/v1/traces``). ``capture_content``: record
+    prompts and answers on spans (the GenAI conventions' opt-in attributes); off, no message
+    text ever leaves the kernel in a span. ``metrics_token``: a bearer token that may read
+    ``GET /metrics`` (and nothing else), for a Prometheus scraper; the admin token always may."""
+
+    tracing: bool | None = None
+    otlp_endpoint: str = ""
+    capture_content: bool = False
+    service_name: str = "aios"
+    metrics_token: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tracing is not None and not isinstance(self.tracing, bool):
+            raise ConfigError(f"observability.tracing must be true or false, got {self.tracing!r}")
+        if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                "observability.otlp_endpoint must be an http(s) URL of an OTLP/HTTP collector "
+                f"(like http://localhost:4318), got {self.otlp_endpoint!r}"
+            )
+        if not self.service_name:
+            raise ConfigError("observability.service_name must not be empty")
+        if self.metrics_token and len(self.metrics_token) < 16:
+            raise ConfigError("observability.metrics_token must be at least 16 characters")
+
+    def __repr__(self) -> str:  # the token is a secret: never in a log or a traceback
+        token = "***" if self.metrics_token else ""
+        return (
+            f"ObservabilityConfig(tracing={self.tracing!r}, otlp_endpoint={self.otlp_endpoint!r}, "
+            f"capture_content={self.capture_content!r}, service_name={self.service_name!r}, "
+            f"metrics_token={token!r})"
+        )
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     """The kernel: its LLM cores, the scheduling policy (and its parameters), the default
     syscall deadline and the per-agent quota."""
@@ -343,6 +384,7 @@ class KernelConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     mcp: tuple[McpServerConfig, ...] = ()  # MCP servers whose tools the kernel offers
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
     def __post_init__(self) -> None:
         if not self.cores:

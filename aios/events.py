@@ -124,6 +124,10 @@ class EventBus:
         """Someone subscribes (publishers may skip building an event otherwise)."""
         return bool(self._subscribers)
 
+    @property
+    def watchers(self) -> int:
+        return len(self._subscribers)
+
     def event(self, kind: str, **fields: Any) -> Event:
         return Event(next(self._seq), self.clock(), kind, **fields)
 

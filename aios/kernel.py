@@ -11,6 +11,7 @@ passes or the caller goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import time
@@ -39,6 +40,7 @@ from aios.llm.core import LLMCore
 from aios.llm.engine import Engine
 from aios.llm.router import Router
 from aios.memory.fit import Counter, Fitted, estimate, fit
+from aios.metrics import Metrics
 from aios.process import AgentProcess
 from aios.quota import Quotas
 from aios.resources import ResourceCall, Resources, target
@@ -48,8 +50,11 @@ from aios.syscall import Completion, LLMCall, LLMRequest, MemoryUse, Message, Sy
 from aios.tools.manager import ToolStats
 from aios.tools.registry import ToolRegistry
 from aios.tools.spec import ToolContext
+from aios.tracing import ENDED, Tracing
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor
+
     from aios.sdk.agent import Agent
 
 EngineFactory = Callable[[CoreConfig], Engine]
@@ -89,11 +94,15 @@ class Kernel:
         tools: ToolRegistry | None = None,
         llm: bool = True,
         hidden: Iterable[str] = (),
+        span_processor: SpanProcessor | None = None,
     ) -> None:
         """``llm=False``: start no LLM core (nor MCP server); the kernel serves memory,
         storage and tool syscalls only (the CLI's data commands). ``hidden``: directories the
         built-in code tools' sandbox must never show (the server's data directory); the
-        database's directory and the cores' spill directories are always hidden."""
+        database's directory and the cores' spill directories are always hidden.
+        ``span_processor``: trace, and hand each ended span to this OpenTelemetry processor (an
+        application's exporter, a test's in-memory one); otherwise ``config.observability``
+        says whether and where (aios.tracing)."""
         self.config = config or KernelConfig()
         self._llm = llm
         self.cores: dict[str, Core] = {}
@@ -118,6 +127,18 @@ class Kernel:
         self.audit = AuditLog(self._resources.db)  # every syscall, hash-chained
         self.access = Access(self.config.access)  # capabilities and approvals
         self.events = EventBus(self.clock)  # what happens, for whoever watches (aios.events)
+        self.tracing: Tracing | None = (  # spans (None: off, and free)
+            Tracing(
+                span_processor,
+                service_name=self.config.observability.service_name,
+                capture_content=self.config.observability.capture_content,
+                policy=self.config.policy,
+            )
+            if span_processor is not None
+            else Tracing.configure(self.config)
+        )
+        self.metrics = Metrics(self)  # GET /metrics (aios.metrics)
+        self._resources.db.timed = self.metrics.job
         self._mcp: AsyncExitStack | None = None  # the MCP servers' sessions
         self._calls: dict[str, asyncio.Task[None]] = {}  # resource calls' work, by syscall id
 
@@ -201,6 +222,8 @@ class Kernel:
         if self._mcp is not None:
             await self._mcp.aclose()
         await self._resources.close()
+        if self.tracing is not None:
+            self.tracing.close()  # exports what is batched
 
     def _build_core(self, cfg: CoreConfig | RemoteCoreConfig) -> Core:
         policy = make_policy(
@@ -265,19 +288,20 @@ class Kernel:
 
         process = process or self.register(name or agent_cls.name, task)
         agent = agent_cls(LocalClient(self, process))
-        try:
-            result = await agent.run(task)
-        except AIOSError as e:
-            process.exit(self.clock(), error=f"{e.code}: {e}")
-        except Exception as e:
-            process.exit(self.clock(), error=f"agent error: {type(e).__name__}: {e}")
-        except asyncio.CancelledError:
-            process.exit(self.clock(), error="killed")
-            raise
-        else:
-            process.exit(self.clock(), result=result)
-        finally:
-            self.release(process)
+        with self.tracing.agent(process) if self.tracing else contextlib.nullcontext():
+            try:
+                result = await agent.run(task)
+            except AIOSError as e:
+                process.exit(self.clock(), error=f"{e.code}: {e}")
+            except Exception as e:
+                process.exit(self.clock(), error=f"agent error: {type(e).__name__}: {e}")
+            except asyncio.CancelledError:
+                process.exit(self.clock(), error="killed")
+                raise
+            else:
+                process.exit(self.clock(), result=result)
+            finally:
+                self.release(process)
         return process
 
     def spawn(self, agent_cls: type[Agent], task: str, *, owner: str | None = None) -> AgentProcess:
@@ -395,7 +419,11 @@ class Kernel:
         the call (unless the call was cancelled meanwhile: then its outcome is dropped), and
         never raises (an error here belongs to the call, not to the kernel)."""
         try:
-            result = await work
+            if self.tracing is not None:  # a tool's own syscalls nest in its span
+                with self.tracing.inside(request):
+                    result = await work
+            else:
+                result = await work
         except asyncio.CancelledError:  # the kernel is shutting down
             if not request.status.finished:
                 request.fail(self.clock(), KernelShutdown(f"{request.id}: the kernel stopped"))
@@ -492,6 +520,8 @@ class Kernel:
                 work.close()
                 raise
         pending = self.access.ask(who, process.id, cap, reason)
+        if self.tracing is not None:
+            self.tracing.approval(request, "asked")
         self.events.publish(
             "approval", principal=who.name, process=process.id, syscall=pending.id,
             state="asked", data={"capability": cap, "call": request.id},
@@ -512,6 +542,8 @@ class Kernel:
             "approval", principal=who.name, process=process.id, syscall=pending.id,
             state="allowed" if allowed else "denied", data={"capability": cap, "call": request.id},
         )  # fmt: skip
+        if self.tracing is not None:
+            self.tracing.approval(request, "allowed" if allowed else "denied")
         if not allowed:
             request.decision = "rejected"
             raise PermissionDenied(f"{cap} needs approval and was denied: {reason}")
@@ -521,10 +553,13 @@ class Kernel:
     def _audit(
         self, process: AgentProcess, kind: str, op: str, resource: str, decision: str, outcome: str
     ) -> None:
+        """Every syscall ends here once, whatever its outcome (rejections included)."""
+        who = process.principal.name
+        self.metrics.counted(kind, outcome, who)
         self.audit.record(
             Record(
                 time.time(),
-                process.principal.name,
+                who,
                 process.id,
                 kind,
                 op,
@@ -724,13 +759,19 @@ class Kernel:
 
     def _track(self, process: AgentProcess, syscall: Syscall) -> None:
         syscall.observer = functools.partial(self._observed, process)
+        if self.tracing is not None:
+            self.tracing.opened(process, syscall)
         self._observed(process, syscall, syscall.status.value)
         process.inflight.append(syscall)
         self.syscalls[syscall.id] = (syscall, process)
         self._prune(self.syscalls, MAX_FINISHED, lambda entry: entry[0].status.finished)
 
     def _observed(self, process: AgentProcess, syscall: Syscall, state: str) -> None:
-        """A syscall's state change, on the event bus."""
+        """A syscall's state change: to its span, the metrics, the event bus."""
+        if self.tracing is not None:
+            self.tracing.changed(syscall, state)
+        if state in ENDED:
+            self.metrics.ended(syscall)
         if self.events.watched:
             if isinstance(syscall, ResourceCall):
                 op = syscall.op

@@ -94,6 +94,7 @@ class Quotas:
         self._clock = clock
         # Least recently touched first, so idle agents are found (and dropped) in O(1) each.
         self._agents: OrderedDict[str, _Agent] = OrderedDict()
+        self.rejections = 0  # calls refused with QuotaExceeded (a full token window)
 
     @asynccontextmanager
     async def admit(self, agent_id: str, quota: Quota | None = None) -> AsyncIterator[None]:
@@ -172,6 +173,7 @@ class Quotas:
         if agent.used < limit:
             return
         retry = self._room_at(agent, limit) - now
+        self.rejections += 1
         raise QuotaExceeded(
             f"agent {agent_id!r} used {agent.used} tokens in the last {WINDOW_SECONDS:g} s, "
             f"at or over its limit of {limit} tokens per minute; retry in {retry:.1f} s",

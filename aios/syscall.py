@@ -20,6 +20,7 @@ from aios.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from aios.llm.base import Core
+    from aios.tracing import SpanRecord
 
 Role = Literal["system", "user", "assistant"]
 ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
@@ -235,6 +236,7 @@ class Syscall:
         self.changed: asyncio.Event | None = None  # see watch()
         # Told of each state change (the kernel publishes it on its event bus: aios.events).
         self.observer: Callable[[Syscall, str], None] | None = None
+        self.span: SpanRecord | None = None  # its trace span, when the kernel traces (aios.tracing)
 
     def watch(self) -> asyncio.Event:
         """An event set whenever the call makes progress (a token) or ends; the watcher

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown
+from common import instant_result, markdown
 from http_overhead import core_config, instant_engine
 
 from aios.audit import AuditLog, Record
@@ -58,36 +57,40 @@ async def writer_rate(records: int, synchronous: str) -> dict[str, Any]:
     return {"arm": f"writer-{synchronous}", "records": records, "per_s": records / seconds}
 
 
+async def syscall_rate(kernel: Kernel, kind: str, clients: int, seconds: float) -> float:
+    """Syscalls/s of a running kernel: ``clients`` back to back for ``seconds``, each an LLM
+    chat call (``kind`` "llm") or a ``storage.ls`` (a real database query)."""
+    call = LLMCall(messages=(Message("user", "Say hi."),), params=SamplingParams(max_tokens=1))
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def one() -> None:
+        nonlocal done
+        process = kernel.register("bench")
+        while time.perf_counter() < deadline:
+            if kind == "llm":
+                await kernel.llm(process, call)
+            else:
+                await kernel.resource(process, "storage", "ls", {})
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return done / (time.perf_counter() - start)
+
+
 async def kernel_rate(kind: str, clients: int, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         config = KernelConfig(
             cores=(core_config(),), storage=StorageConfig(database=str(Path(tmp) / "aios.db"))
         )
         async with Kernel(config, engine_factory=instant_engine) as kernel:
-            call = LLMCall(
-                messages=(Message("user", "Say hi."),), params=SamplingParams(max_tokens=1)
-            )
-            done = 0
-            deadline = time.perf_counter() + seconds
-
-            async def one() -> None:
-                nonlocal done
-                process = kernel.register("bench")
-                while time.perf_counter() < deadline:
-                    if kind == "llm":
-                        await kernel.llm(process, call)
-                    else:
-                        await kernel.resource(process, "storage", "ls", {})
-                    done += 1
-
-            start = time.perf_counter()
-            await asyncio.gather(*(one() for _ in range(clients)))
-            elapsed = time.perf_counter() - start
+            per_s = await syscall_rate(kernel, kind, clients, seconds)
             peak, written = kernel.audit.peak, kernel.audit.written
     return {
         "arm": f"kernel-{kind}",
         "clients": clients,
-        "per_s": done / elapsed,
+        "per_s": per_s,
         "peak_pending": peak,
         "written_during_run": written,
     }
@@ -116,17 +119,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     fastest_kernel = max(v for k, v in summary.items() if k.startswith("kernel"))
     summary["headroom"] = slowest_writer / fastest_kernel
     summary["peak_pending"] = max(r.get("peak_pending", 0) for r in runs)
-    return {
-        "benchmark": "audit",
-        "core": "SIMULATED instant core (CostModel time_scale=0, 1-token replies)",
-        "machine": f"{platform.machine()}, Python {platform.python_version()}",
-        "records": args.records,
-        "clients": args.clients,
-        "seconds": args.seconds,
-        "repeats": args.repeats,
-        "runs": runs,
-        "summary": summary,
-    }
+    return instant_result("audit", args, runs, summary, records=args.records)
 
 
 if __name__ == "__main__":

@@ -32,3 +32,22 @@ def medians(runs: Iterable[dict[str, Any]], keys: Iterable[str], **where: Any) -
     a level: ``medians(runs, ["p50_ms"], arm="api", clients=10)``)."""
     mine = [r for r in runs if all(r[field] == value for field, value in where.items())]
     return {key: statistics.median(r[key] for r in mine) for key in keys}
+
+
+def instant_result(
+    benchmark: str, args: Any, runs: list[dict[str, Any]], summary: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    """The JSON of a benchmark on the instant simulated core: what ran, where, every run."""
+    import platform
+
+    return {
+        "benchmark": benchmark,
+        "core": "SIMULATED instant core (CostModel time_scale=0, 1-token replies)",
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        **fields,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+        "runs": runs,
+        "summary": summary,
+    }

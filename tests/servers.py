@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from fakes import CORE_DEFAULTS, FakeEngine, FakeFactory
 
-from aios.config import AccessConfig, CoreConfig, KernelConfig, StorageConfig
+from aios.config import AccessConfig, CoreConfig, KernelConfig, ObservabilityConfig, StorageConfig
 from aios.quota import Quota
 from aios.server.config import ServerConfig, Settings
 from aios.server.main import BackgroundServer
@@ -112,6 +112,7 @@ def serve(
     server: dict[str, Any] | None = None,
     quota: Quota | None = None,
     access: AccessConfig | None = None,
+    observability: ObservabilityConfig | None = None,
     keep: bool = False,
     **core: Any,
 ) -> Iterator[Harness]:
@@ -126,6 +127,7 @@ def serve(
             syscall_timeout=30.0,
             quota=quota or Quota(),
             access=access or AccessConfig(),
+            observability=observability or ObservabilityConfig(),
             storage=StorageConfig(database=str(data_dir / "aios.db") if keep else ""),
         ),
     )

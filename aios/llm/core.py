@@ -48,7 +48,7 @@ from aios.errors import (
 from aios.llm.base import CoreQueue
 from aios.llm.engine import BatchItem, Engine, Sampled, SeqStart, StepPlan
 from aios.llm.grammar import json_grammar
-from aios.llm.kvcache import KVCache
+from aios.llm.kvcache import KVCache, KVUsage
 from aios.scheduler import Policy
 from aios.syscall import Completion, LLMCall, LLMRequest, Status
 
@@ -467,6 +467,10 @@ class LLMCore(CoreQueue[LLMRequest]):
     def cached(self) -> int:
         """Idle slots holding an agent's KV for its next call."""
         return len(self._kv.cached)
+
+    def kv_usage(self) -> KVUsage:
+        """Its sequences and KV cells now."""
+        return self._kv.usage(sum(1 for r in self._waiting if r.snapshot is not None))
 
 
 @contextlib.asynccontextmanager

@@ -66,6 +66,19 @@ class StashCounts(Protocol):
 
 
 @dataclass(frozen=True)
+class KVUsage:
+    """A core's sequences and KV cells now (for metrics and ``aios top``)."""
+
+    running: int
+    cached: int  # idle KV kept in a slot for its agent's next call
+    parked: int  # idle contexts stashed out of the KV cache
+    preempted: int  # waiting requests whose context is saved
+    cells_used: int  # cells holding KV: running sequences' positions plus cached slots'
+    cells_reserved: int  # cells running requests may grow into (prompt plus max tokens each)
+    cells_total: int
+
+
+@dataclass(frozen=True)
 class _Source:
     """The best KV prefix found for a fresh request: ``n`` tokens of slot ``slot`` (cached or
     running), or of the agent's stashed context ``stashed``; neither when ``n`` is 0."""
@@ -129,6 +142,17 @@ class KVCache:
     def cached_cells(self) -> int:
         """KV cells held by cached slots."""
         return sum(len(c.tokens) for c in self._cached.values())
+
+    def usage(self, preempted: int) -> KVUsage:
+        return KVUsage(
+            running=len(self._running),
+            cached=len(self._cached),
+            parked=len(self._stashed),
+            preempted=preempted,
+            cells_used=sum(r.kv_len for r in self._running.values()) + self.cached_cells,
+            cells_reserved=self.reserved_cells,
+            cells_total=self.config.kv_cells,
+        )
 
     def request_at(self, slot: int) -> LLMRequest | None:
         """The request running in ``slot``, if any."""

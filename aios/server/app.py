@@ -19,12 +19,13 @@ from aios.identity import Identities
 from aios.kernel import Kernel
 from aios.server.config import ServerConfig
 from aios.server.errors import contained, install_error_handlers, too_large
-from aios.server.http import BodyLimit, ContainErrors
+from aios.server.http import BodyLimit, ContainErrors, TraceContext
 from aios.server.routes import (
     agents,
     approvals,
     events,
     llm,
+    metrics,
     openai,
     processes,
     resources,
@@ -65,9 +66,12 @@ def create_app(
         processes.router,
         agents.router,
         status.router,
+        metrics.router,
         openai.router,
     ):  # in this order: the OpenAPI document lists the routes so
         app.include_router(router(server))
     app.add_middleware(BodyLimit, limit=config.max_body_bytes, reject=too_large)
+    if kernel.tracing is not None:  # (no cost when the kernel does not trace)
+        app.add_middleware(TraceContext)
     app.add_middleware(ContainErrors, respond=contained)
     return app

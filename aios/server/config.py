@@ -28,6 +28,11 @@
     name = "fs"
     command = ["npx", "-y", "@modelcontextprotocol/server-filesystem", "/srv/shared"]
 
+    [observability]           # traces (OpenTelemetry) and GET /metrics (Prometheus)
+    otlp_endpoint = "http://localhost:4318"   # or OTEL_EXPORTER_OTLP_ENDPOINT
+    capture_content = false   # prompts and answers on spans: opt-in
+    metrics_token = "..."     # a scraper's token for GET /metrics (the admin's works too)
+
     [[core]]                  # embedded (the default: SmolLM2; AIOS_MODEL sets its model)
     name = "default"
     model = "smollm2-135m"
@@ -60,6 +65,7 @@ from aios.config import (
     KernelConfig,
     McpServerConfig,
     MemoryConfig,
+    ObservabilityConfig,
     RemoteCoreConfig,
     RouterConfig,
     StorageConfig,
@@ -131,7 +137,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    _only(data, {"server", "kernel", "core"}, "the config file")
+    _only(data, {"server", "kernel", "core", "observability"}, "the config file")
     server = dict(_table(data, "server"))
     kernel = dict(_table(data, "kernel"))
     for var, (section, key, kind) in ENV.items():
@@ -172,6 +178,9 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             for group in _table(access, "quotas")
         }
     tables["access"] = _build(AccessConfig, access, "kernel.access")
+    tables["observability"] = _build(
+        ObservabilityConfig, _table(data, "observability"), "observability"
+    )
     kernel.pop("access", None)
     servers = kernel.pop("mcp", [])
     if not isinstance(servers, list) or not all(isinstance(t, dict) for t in servers):

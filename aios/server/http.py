@@ -57,7 +57,10 @@ class EventStream(Response):
         self,
         frames: AsyncGenerator[bytes, None],
         on_error: Callable[[Exception], Response],
+        headers: Callable[[], dict[str, str]] | None = None,
     ) -> None:
+        """``headers``: more response headers, asked for once the first frame exists (what
+        they say, a trace id, may be known only then)."""
         # Not Response.__init__: it would declare a Content-Length for an empty body.
         self.status_code = 200
         self.background = None
@@ -68,6 +71,7 @@ class EventStream(Response):
         ]
         self._frames = frames
         self._on_error = on_error
+        self._late = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with aclosing(self._frames) as frames:
@@ -78,15 +82,14 @@ class EventStream(Response):
             except Exception as e:  # before any byte went out: a plain HTTP error
                 await self._on_error(e)(scope, receive, send)
                 return
+            headers = list(self.raw_headers)
+            if self._late is not None:
+                headers += [
+                    (k.encode("latin-1"), v.encode("latin-1")) for k, v in self._late().items()
+                ]
             try:
                 async with cancel_on_disconnect(receive):
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": 200,
-                            "headers": self.raw_headers,
-                        }
-                    )
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
                     await send({"type": "http.response.body", "body": first, "more_body": True})
                     async for frame in frames:
                         await send({"type": "http.response.body", "body": frame, "more_body": True})
@@ -137,6 +140,37 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class TraceContext:
+    """A request's W3C ``traceparent`` (and ``tracestate``) header becomes the current trace
+    context while it is served, so the spans of the syscalls it makes join the caller's trace.
+    Installed only when the kernel traces."""
+
+    HEADERS = (b"traceparent", b"tracestate")
+
+    def __init__(self, app: ASGIApp) -> None:
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.app = app
+        self.propagator = TraceContextTextMapPropagator()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope.get("headers", ())
+            if name in self.HEADERS
+        }
+        if scope["type"] != "http" or "traceparent" not in carrier:
+            await self.app(scope, receive, send)
+            return
+        from opentelemetry import context
+
+        token = context.attach(self.propagator.extract(carrier))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            context.detach(token)
 
 
 class ContainErrors:

@@ -110,6 +110,9 @@ class SyscallOut(BaseModel):
     result: LLMResultOut | None = None
     error: ErrorOut | None = None
     timings: TimingsOut | None = None
+    trace_id: str | None = Field(
+        None, description="The W3C trace id of the syscall's span, when the kernel traces."
+    )
 
 
 class SpawnIn(_Strict):

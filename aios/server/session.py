@@ -32,6 +32,7 @@ from aios.process import AgentProcess
 from aios.server.config import ServerConfig
 from aios.server.schemas import SyscallOut
 from aios.syscall import Completion, LLMCall, Syscall
+from aios.tracing import trace_id
 
 
 class Server:
@@ -122,6 +123,7 @@ class Server:
             "result": None,
             "error": None,
             "timings": None,
+            "trace_id": trace_id(syscall),
         }
         if syscall is not None:
             t = syscall.timings

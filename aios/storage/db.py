@@ -161,6 +161,8 @@ class Database:
     _conns: list[Conn] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pending: int = 0
+    # Told each job's seconds waiting for a worker and running (on the worker's thread).
+    timed: Callable[[float, float], None] | None = None
 
     @classmethod
     def open(cls, url: str, *, workers: int | None = None, synchronous: str = "full") -> Database:
@@ -261,7 +263,9 @@ class Database:
             raise Overloaded(f"{self._pending} database jobs are queued; retry later")
         self._pending += 1
         try:
-            future = asyncio.get_running_loop().run_in_executor(pool, self._work, fn, job)
+            submitted = job.clock()
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(pool, self._work, fn, job, submitted)
             left = job.remaining()
             try:
                 return await asyncio.wait_for(
@@ -282,7 +286,7 @@ class Database:
         finally:
             self._pending -= 1
 
-    def _work(self, fn: Callable[[Conn], T], job: Job) -> T:
+    def _work(self, fn: Callable[[Conn], T], job: Job, submitted: float) -> T:
         job.begin()
         try:
             return fn(self._local.conn)
@@ -292,6 +296,8 @@ class Database:
             raise StorageError(f"database error: {type(e).__name__}: {e}".strip()) from None
         finally:
             job.finished = job.clock()
+            if self.timed is not None and job.started is not None:
+                self.timed(job.started - submitted, job.finished - job.started)
 
     @property
     def pending(self) -> int:

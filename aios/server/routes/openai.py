@@ -20,6 +20,13 @@ from aios.server.openai_api import ChatCompletionIn, Plan
 from aios.server.routes.llm import Outcome, collect
 from aios.server.session import Caller, Server, usage_json
 from aios.syscall import Completion, LLMRequest
+from aios.tracing import traceparent
+
+
+def trace_header(syscall: LLMRequest | None) -> dict[str, str]:
+    """``traceparent`` naming the call's span (an OpenAI client has no envelope to read)."""
+    value = traceparent(syscall)
+    return {} if value is None else {"traceparent": value}
 
 
 def router(server: Server) -> APIRouter:
@@ -50,13 +57,15 @@ def router(server: Server) -> APIRouter:
         events = kernel.llm_stream(
             process, plan.call, priority=body.priority, deltas=body.stream and not plan.tools
         )
+        outcome = Outcome()
         if body.stream:
             return EventStream(
-                chunks(server, identity, plan, events),
+                chunks(server, identity, plan, events, outcome),
                 on_error=lambda e: exception_response(request.url.path, e),
+                headers=lambda: trace_header(outcome.syscall),
             )
         try:
-            outcome = await collect(events, request, Outcome())
+            outcome = await collect(events, request, outcome)
         except ClientGone:
             return Response(status_code=499)
         assert outcome.completion is not None
@@ -73,7 +82,8 @@ def router(server: Server) -> APIRouter:
                 ],
                 "usage": usage_json(completion),
                 "system_fingerprint": None,
-            }
+            },
+            headers=trace_header(outcome.syscall),
         )
 
     return api
@@ -84,9 +94,11 @@ async def chunks(
     identity: Identity,
     plan: Plan,
     events: AsyncGenerator[LLMRequest | str | Completion, None],
+    outcome: Outcome,
 ) -> AsyncGenerator[bytes, None]:
     """``chat.completion.chunk`` frames, then ``[DONE]``. An error after the first frame is
-    sent as ``{"error": ...}`` (what OpenAI clients raise on)."""
+    sent as ``{"error": ...}`` (what OpenAI clients raise on). ``outcome.syscall`` names the
+    call once it is queued."""
     created = int(time.time())
     head: dict[str, Any] = {}
 
@@ -98,6 +110,7 @@ async def chunks(
         try:
             async for event in events:
                 if isinstance(event, LLMRequest):
+                    outcome.syscall = event
                     head = {
                         "id": f"chatcmpl-{event.id}",
                         "object": "chat.completion.chunk",
