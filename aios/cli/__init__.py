@@ -13,7 +13,7 @@ the order they were registered, hence the order of the imports below.
 """
 
 # isort: off
-from aios.cli import run, serve, admin, data, bench  # noqa: F401  (registers the commands)
+from aios.cli import run, serve, admin, data, bench, top  # noqa: F401  (registers the commands)
 
 # isort: on
 from aios.cli.common import app, main

@@ -352,6 +352,28 @@ class Client(_Base):
         except httpx.TransportError as e:
             raise Unreachable(f"lost the connection to {self.base_url}: {e}") from None
 
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The kernel's event stream (``GET /api/v1/events``): one dict per event, as they
+        happen, until the kernel stops or the iterator is closed. Yours only, unless admin."""
+        try:
+            with self._http.stream("GET", "/api/v1/events", timeout=None) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._check(response)
+                name = ""
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        name = line[7:]
+                    elif line.startswith("data: ") and name != "ready":
+                        yield json.loads(line[6:])
+        except httpx.TransportError as e:
+            raise Unreachable(f"lost the connection to {self.base_url}: {e}") from None
+
+    def cores(self) -> list[dict[str, Any]]:
+        """The kernel's LLM cores: queues, counters, an embedded core's KV cache."""
+        result: list[dict[str, Any]] = self.request("GET", "/api/v1/cores")
+        return result
+
     def processes(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.request("GET", "/api/v1/processes")
         return result

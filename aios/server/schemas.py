@@ -161,3 +161,14 @@ class CoreOut(BaseModel):
     completed: int
     failed: int
     cancelled: int
+    preemptions: int
+    # An embedded core's only:
+    slots: int | None = None
+    cached: int | None = None
+    parked: int | None = None
+    preempted: int | None = None
+    kv_cells_used: int | None = None
+    kv_cells: int | None = None
+    prefill_tokens: int | None = None
+    reused_tokens: int | None = None
+    decode_tokens: int | None = None
