@@ -222,8 +222,8 @@ class Kernel:
         if self._mcp is not None:
             await self._mcp.aclose()
         await self._resources.close()
-        if self.tracing is not None:
-            self.tracing.close()  # exports what is batched
+        if self.tracing is not None:  # exports what is batched (a thread: it may wait on I/O)
+            await asyncio.to_thread(self.tracing.close)
 
     def _build_core(self, cfg: CoreConfig | RemoteCoreConfig) -> Core:
         policy = make_policy(
