@@ -104,6 +104,17 @@ class Verdict:
         return asdict(self)
 
 
+def tail(conn: Conn, limit: int, principal: str | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` records, oldest first (``principal``'s only, if given), each with
+    its ``seq`` and fields."""
+    where, params = ("WHERE principal = ? ", (principal,)) if principal is not None else ("", ())
+    rows = conn.all(
+        f"SELECT seq, {', '.join(FIELDS)} FROM audit {where}ORDER BY seq DESC LIMIT ?",
+        (*params, limit),
+    )
+    return [dict(zip(("seq", *FIELDS), row, strict=True)) for row in reversed(rows)]
+
+
 def prune(conn: Conn, before: float, by: str, *, dry_run: bool = False) -> int:
     """Remove the records older than ``before`` (a time), keeping at least the newest one, and
     record that ``by`` did; how many were removed (``dry_run``: would be; nothing changes)."""

@@ -569,6 +569,17 @@ class Kernel:
             )
         )
 
+    async def audit_tail(self, limit: int, principal: str | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` audit records written (``principal``'s only, if given): what
+        the console and ``GET /api/v1/audit`` show. What is queued for the writer is waited
+        for first, up to a second (so a caller sees its own calls)."""
+        from aios.audit import tail
+
+        await self.audit.drain(timeout=1.0)
+        return await self._resources.db.run(
+            functools.partial(tail, limit=limit, principal=principal)
+        )
+
     def _accept(self, timeout: float | None) -> float:
         """Whether the kernel takes a new syscall now, and its time budget (seconds). While the
         audit writer is ``max_pending`` records behind, new calls are refused (the calls in

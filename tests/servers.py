@@ -232,3 +232,19 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], str]:
     while len(rest) < int(headers["content-length"]):
         rest += sock.recv(65536)
     return int(lines[0].split()[1]), headers, rest.decode()
+
+
+EVERYTHING = ("llm.*", "memory.*", "storage.*", "tools.list", "tools.call:*")
+
+
+@contextlib.contextmanager
+def serve_approving(data_dir: Path, approval_timeout: float) -> Iterator[Harness]:
+    """A server whose agents may do everything, and where a ``storage.delete`` waits for the
+    admin's approval (denied after ``approval_timeout`` seconds)."""
+    policy = AccessConfig(
+        groups={"default": EVERYTHING},
+        approve=("storage.delete:*",),
+        approval_timeout=approval_timeout,
+    )
+    with serve(data_dir, access=policy) as harness:
+        yield harness

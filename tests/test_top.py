@@ -15,12 +15,9 @@ from typing import Any
 
 import pytest
 from rich.console import Console
-from servers import Harness, serve, wait_for
+from servers import Harness, serve_approving, wait_for
 
 from aios.cli.top import Top
-from aios.config import AccessConfig
-
-EVERYTHING = ("llm.*", "memory.*", "storage.*", "tools.list", "tools.call:*")
 
 
 def process(pid: str, state: str, tokens: int, **fields: Any) -> dict[str, Any]:
@@ -71,10 +68,7 @@ def test_the_view_rates_sorts_and_keeps_what_matters() -> None:
 
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[Harness]:
-    policy = AccessConfig(
-        groups={"default": EVERYTHING}, approve=("storage.delete:*",), approval_timeout=2.0
-    )
-    with serve(tmp_path, access=policy) as harness:
+    with serve_approving(tmp_path, 2.0) as harness:
         yield harness
 
 

@@ -349,17 +349,15 @@ def audit_tail(
 
     Example: aios audit tail -n 50
     """
-    from aios.audit import FIELDS
+    from aios.audit import tail
 
     with _storage(config, database) as conn:
-        rows = conn.all(
-            f"SELECT seq, {', '.join(FIELDS)} FROM audit ORDER BY seq DESC LIMIT ?", (n,)
-        )
+        records = tail(conn, n)
     table = Table(box=None, header_style="bold")
     for col in ("SEQ", "WHEN", "PRINCIPAL", "PROCESS", "CALL", "RESOURCE", "DECISION", "OUTCOME"):
         table.add_column(col)
-    for row in reversed(rows):
-        seq, at, principal, process, kind, op, resource, decision, outcome, _ = row
-        table.add_row(str(seq), _when(at), principal, process, f"{kind}.{op}", resource[:40],
-                      decision, outcome)  # fmt: skip
+    for r in records:
+        table.add_row(str(r["seq"]), _when(r["at"]), r["principal"], r["process"],
+                      f"{r['kind']}.{r['op']}", r["resource"][:40], r["decision"],
+                      r["outcome"])  # fmt: skip
     console.print(table)

@@ -23,6 +23,7 @@ from aios.server.http import BodyLimit, ContainErrors, TraceContext
 from aios.server.routes import (
     agents,
     approvals,
+    console,
     events,
     llm,
     metrics,
@@ -68,6 +69,7 @@ def create_app(
         status.router,
         metrics.router,
         openai.router,
+        console.router,
     ):  # in this order: the OpenAPI document lists the routes so
         app.include_router(router(server))
     app.add_middleware(BodyLimit, limit=config.max_body_bytes, reject=too_large)
