@@ -50,7 +50,7 @@ from aios.syscall import Completion, LLMCall, LLMRequest, MemoryUse, Message, Sy
 from aios.tools.manager import ToolStats
 from aios.tools.registry import ToolRegistry
 from aios.tools.spec import ToolContext
-from aios.tracing import ENDED, Tracing
+from aios.tracing import Tracing
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor
@@ -127,16 +127,8 @@ class Kernel:
         self.audit = AuditLog(self._resources.db)  # every syscall, hash-chained
         self.access = Access(self.config.access)  # capabilities and approvals
         self.events = EventBus(self.clock)  # what happens, for whoever watches (aios.events)
-        self.tracing: Tracing | None = (  # spans (None: off, and free)
-            Tracing(
-                span_processor,
-                service_name=self.config.observability.service_name,
-                capture_content=self.config.observability.capture_content,
-                policy=self.config.policy,
-            )
-            if span_processor is not None
-            else Tracing.configure(self.config)
-        )
+        # Spans (None: off, and free).
+        self.tracing = Tracing.configure(self.config, processor=span_processor)
         self.metrics = Metrics(self)  # GET /metrics (aios.metrics)
         self._resources.db.timed = self.metrics.job
         self._mcp: AsyncExitStack | None = None  # the MCP servers' sessions
@@ -781,7 +773,7 @@ class Kernel:
         """A syscall's state change: to its span, the metrics, the event bus."""
         if self.tracing is not None:
             self.tracing.changed(syscall, state)
-        if state in ENDED:
+        if syscall.status.finished:
             self.metrics.ended(syscall)
         if self.events.watched:
             if isinstance(syscall, ResourceCall):

@@ -19,7 +19,7 @@ import threading
 from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -35,6 +35,7 @@ from aios.syscall import LLMRequest, Syscall
 
 if TYPE_CHECKING:
     from aios.kernel import Kernel
+    from aios.llm.base import Core
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds: from a cached storage read (ms) to a long generation (minutes).
@@ -142,6 +143,39 @@ class Metrics:
         yield jobs
 
 
+def core_state(name: str, core: Core) -> dict[str, Any]:
+    """One reading of a core: its queue and counters, and an embedded core's KV cache and
+    token counts (what ``GET /api/v1/cores``, ``aios top`` and the metrics show)."""
+    stats = core.stats
+    state: dict[str, Any] = {
+        "name": name,
+        "kind": type(core).__name__,
+        "queued": core.queued,
+        "active": core.active,
+        "completed": stats.completed,
+        "failed": stats.failed,
+        "cancelled": stats.cancelled,
+        "preemptions": getattr(stats, "preemptions", 0),  # (a router pre-empts nothing)
+    }
+    if isinstance(core, LLMCore) and isinstance(stats, CoreStats):
+        kv = core.kv_usage()
+        state |= {
+            "slots": core.config.slots,
+            "cached": kv.cached,
+            "parked": kv.parked,
+            "preempted": kv.preempted,
+            "kv_cells_used": kv.cells_used,
+            "kv_cells_reserved": kv.cells_reserved,
+            "kv_cells": kv.cells_total,
+            "prefill_tokens": stats.prefill_tokens,
+            "reused_tokens": stats.reused_tokens,
+            "decode_tokens": stats.decode_tokens,
+            "busy_seconds": stats.busy_seconds,
+            "engine_crashes": stats.crashes,
+        }
+    return state
+
+
 class KernelCollector:
     """The kernel's state at scrape time."""
 
@@ -216,27 +250,24 @@ class KernelCollector:
             "aios_core_engine_crashes", "Engine processes that died mid-step", labels=["core"]
         )
         for name, core in kernel.cores.items():
-            queue.add_metric([name], core.queued)
-            stats = core.stats
+            c = core_state(name, core)
+            queue.add_metric([name], c["queued"])
             for outcome in ("completed", "failed", "cancelled"):
-                calls.add_metric([name, outcome], getattr(stats, outcome))
-            running.add_metric([name, "running"], core.active)
-            count = getattr(stats, "preemptions", None)
-            if count is not None:
-                preemptions.add_metric([name], count)
-            if isinstance(core, LLMCore) and isinstance(stats, CoreStats):
-                kv = core.kv_usage()
-                running.add_metric([name, "cached"], kv.cached)
-                running.add_metric([name, "parked"], kv.parked)
-                running.add_metric([name, "preempted"], kv.preempted)
-                cells.add_metric([name, "used"], kv.cells_used)
-                cells.add_metric([name, "reserved"], kv.cells_reserved)
-                cells.add_metric([name, "total"], kv.cells_total)
-                prefill.add_metric([name, "computed"], stats.prefill_tokens)
-                prefill.add_metric([name, "reused"], stats.reused_tokens)
-                decode.add_metric([name], stats.decode_tokens)
-                busy.add_metric([name], stats.busy_seconds)
-                crashes.add_metric([name], stats.crashes)
+                calls.add_metric([name, outcome], c[outcome])
+            running.add_metric([name, "running"], c["active"])
+            preemptions.add_metric([name], c["preemptions"])
+            if "kv_cells" not in c:  # (an embedded core's only)
+                continue
+            for state in ("cached", "parked", "preempted"):
+                running.add_metric([name, state], c[state])
+            cells.add_metric([name, "used"], c["kv_cells_used"])
+            cells.add_metric([name, "reserved"], c["kv_cells_reserved"])
+            cells.add_metric([name, "total"], c["kv_cells"])
+            prefill.add_metric([name, "computed"], c["prefill_tokens"])
+            prefill.add_metric([name, "reused"], c["reused_tokens"])
+            decode.add_metric([name], c["decode_tokens"])
+            busy.add_metric([name], c["busy_seconds"])
+            crashes.add_metric([name], c["engine_crashes"])
         yield from (queue, running, cells, calls, prefill, decode, preemptions, busy, crashes)
 
     @staticmethod

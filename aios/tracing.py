@@ -62,7 +62,6 @@ if TYPE_CHECKING:
     from aios.llm.base import Core
     from aios.process import AgentProcess
 
-ENDED = frozenset({"done", "failed", "cancelled"})
 OTLP_ENV = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 UNSET = Status(StatusCode.UNSET)
@@ -100,9 +99,14 @@ class SpanRecord:
         self.attributes["error.type"] = code
         self.status = Status(StatusCode.ERROR, description[:200])
 
-    def in_context(self) -> otel_context.Context:
-        """A context in which this span is the current one (its children's parent)."""
-        return trace.set_span_in_context(NonRecordingSpan(self.context))
+    @contextlib.contextmanager
+    def current(self) -> Iterator[None]:
+        """This span is the current one in the body (the parent of spans opened there)."""
+        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(self.context)))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
 
 
 class Tracing:
@@ -130,10 +134,14 @@ class Tracing:
 
     @classmethod
     def configure(
-        cls, config: KernelConfig, env: Mapping[str, str] | None = None
+        cls,
+        config: KernelConfig,
+        env: Mapping[str, str] | None = None,
+        processor: SpanProcessor | None = None,
     ) -> Tracing | None:
         """The tracing ``config.observability`` asks for (None: off). With an OTLP endpoint
-        (the config's, else the standard environment variables) spans are batched to it."""
+        (the config's, else the standard environment variables) spans are batched to it. A
+        ``processor`` (an application's, a test's) turns tracing on and gets every span."""
         settings = config.observability
         env = os.environ if env is None else env
         endpoint = settings.otlp_endpoint
@@ -142,9 +150,12 @@ class Tracing:
             traces_url = env.get(OTLP_ENV[0], "") or (
                 env[OTLP_ENV[1]].rstrip("/") + "/v1/traces" if env.get(OTLP_ENV[1]) else ""
             )
-        if settings.tracing is False or (settings.tracing is None and not traces_url):
+        if processor is None and (
+            settings.tracing is False or (settings.tracing is None and not traces_url)
+        ):
             return None
         tracing = cls(
+            *(() if processor is None else (processor,)),
             service_name=settings.service_name,
             capture_content=settings.capture_content,
             policy=config.policy,
@@ -217,11 +228,10 @@ class Tracing:
         if self.capture_content:
             attributes["gen_ai.input.messages"] = _messages([("user", process.task)])
         span = self._open(f"invoke_agent {process.name}", SpanKind.INTERNAL, attributes)
-        token = otel_context.attach(span.in_context())
         try:
-            yield
+            with span.current():
+                yield
         finally:
-            otel_context.detach(token)
             attributes |= {
                 "gen_ai.usage.input_tokens": process.prompt_tokens,
                 "gen_ai.usage.output_tokens": process.completion_tokens,
@@ -309,7 +319,7 @@ class Tracing:
                 span.attributes["aios.slot"] = syscall.slot
         elif state in ("preempted", "restarted"):
             span.event(f"aios.{state}")
-        elif state in ENDED:
+        elif syscall.status.finished:
             self._end(syscall, span, state)
 
     def approval(self, syscall: Syscall, state: str) -> None:
@@ -350,14 +360,8 @@ class Tracing:
     @contextlib.contextmanager
     def inside(self, syscall: Syscall) -> Iterator[None]:
         """The syscall's span is the current one (a tool's own syscalls nest inside it)."""
-        if syscall.span is None:
+        with syscall.span.current() if syscall.span else contextlib.nullcontext():
             yield
-            return
-        token = otel_context.attach(syscall.span.in_context())
-        try:
-            yield
-        finally:
-            otel_context.detach(token)
 
 
 def trace_id(syscall: Syscall | None) -> str | None:

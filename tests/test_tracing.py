@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
-from servers import Harness, serve
+from servers import EVERYTHING, Harness, serve
 
 from aios.config import AccessConfig, CoreConfig, KernelConfig, ObservabilityConfig, StorageConfig
 from aios.errors import ConfigError
@@ -29,7 +29,6 @@ from aios.server.config import load_settings
 from aios.tools.spec import ToolContext, tool
 from aios.tracing import Tracing
 
-EVERYTHING = {"default": ("llm.*", "memory.*", "storage.*", "tools.list", "tools.call:*")}
 REPLY = "the answer"
 
 
@@ -62,7 +61,7 @@ def traced_kernel(tmp_path: Path, *, content: bool = False) -> tuple[Kernel, InM
         cores=(CoreConfig(name="fake", model="fake", **CORE_DEFAULTS),),
         policy="fair",
         storage=StorageConfig(database=str(tmp_path / "aios.db")),
-        access=AccessConfig(groups=EVERYTHING),
+        access=AccessConfig(groups={"default": EVERYTHING}),
         observability=ObservabilityConfig(capture_content=content),
     )
     k = Kernel(
@@ -224,7 +223,7 @@ def test_tracing_is_off_unless_configured(tmp_path: Path) -> None:
 def traced_server(tmp_path: Path) -> Iterator[tuple[Harness, InMemorySpanExporter]]:
     with serve(
         tmp_path,
-        access=AccessConfig(groups=EVERYTHING),
+        access=AccessConfig(groups={"default": EVERYTHING}),
         observability=ObservabilityConfig(tracing=True),
     ) as harness:
         kernel = harness.srv.kernel
@@ -314,7 +313,7 @@ async def test_spans_reach_an_otlp_collector_from_the_export_process(tmp_path: P
         config = KernelConfig(
             cores=(CoreConfig(name="fake", model="fake", **CORE_DEFAULTS),),
             storage=StorageConfig(database=str(tmp_path / "aios.db")),
-            access=AccessConfig(groups=EVERYTHING),
+            access=AccessConfig(groups={"default": EVERYTHING}),
             observability=ObservabilityConfig(
                 otlp_endpoint=f"http://127.0.0.1:{collector.server_port}", service_name="agents-1"
             ),

@@ -151,7 +151,7 @@ def watching(url: str, token: str, top: Top, lock: threading.Lock) -> Iterator[N
     client = Client(url, token, retries=0)
 
     def read() -> None:
-        with contextlib.suppress(AIOSError, Exception):
+        with contextlib.suppress(Exception):  # a lost stream, a closed client
             for event in client.events():
                 with lock:
                     top.event(event)

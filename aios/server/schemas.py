@@ -168,7 +168,10 @@ class CoreOut(BaseModel):
     parked: int | None = None
     preempted: int | None = None
     kv_cells_used: int | None = None
+    kv_cells_reserved: int | None = None
     kv_cells: int | None = None
     prefill_tokens: int | None = None
     reused_tokens: int | None = None
     decode_tokens: int | None = None
+    busy_seconds: float | None = None
+    engine_crashes: int | None = None
