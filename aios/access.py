@@ -113,10 +113,13 @@ class Access:
         own = [quotas[g] for g in ("default", *sorted(who.groups)) if g in quotas]
         return Quota.most_generous(own) if own else default
 
-    def ask(self, who: Principal, process: str, cap: str, reason: str) -> Pending:
-        """Queue a call for approval; its ``decided`` future resolves True (allow) or False."""
+    def ask(
+        self, who: Principal, process: str, cap: str, reason: str, *, ident: str | None = None
+    ) -> Pending:
+        """Queue a call for approval; its ``decided`` future resolves True (allow) or False.
+        ``ident``: its id (one that stays the same across a restart), else a fresh one."""
         pending = Pending(
-            f"ap-{next(self._ids)}", who.name, process, cap, reason, time.time(),
+            ident or f"ap-{next(self._ids)}", who.name, process, cap, reason, time.time(),
             asyncio.get_running_loop().create_future(),
         )  # fmt: skip
         self.pending[pending.id] = pending

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -329,6 +330,37 @@ class McpServerConfig:
 
 
 @dataclass(frozen=True)
+class DurableConfig:
+    """Durable agent processes (see aios.durable): agents the kernel spawns are recorded with
+    a journal of their syscalls' results, and resumed by replay after a restart.
+
+    ``enabled``: journal spawned agents (off: they are lost with the kernel, as before).
+    ``kernel_id``: this kernel's name in the process leases (``aios serve`` keeps one in its
+    data directory, so a restarted server takes its own processes back at once; a library
+    kernel without one gets a fresh random name, and takes over only expired leases).
+    ``lease_seconds``: how long a kernel that stopped renewing still holds its processes (a
+    second kernel on the same PostgreSQL takes them over after that). ``idempotency_hours``:
+    how long an HTTP syscall's ``Idempotency-Key`` answers with the recorded result."""
+
+    enabled: bool = True
+    kernel_id: str = ""
+    lease_seconds: float = 30.0
+    idempotency_hours: float = 24.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"durable.enabled must be true or false, got {self.enabled!r}")
+        if not self.lease_seconds >= 0.5 or self.lease_seconds == math.inf:
+            raise ConfigError(f"durable.lease_seconds must be >= 0.5, got {self.lease_seconds!r}")
+        if not self.idempotency_hours > 0:
+            raise ConfigError(
+                f"durable.idempotency_hours must be > 0, got {self.idempotency_hours!r}"
+            )
+        if len(self.kernel_id) > 128:
+            raise ConfigError("durable.kernel_id must be at most 128 characters")
+
+
+@dataclass(frozen=True)
 class ObservabilityConfig:
     """Traces and metrics (see aios.tracing, aios.metrics).
 
@@ -385,6 +417,7 @@ class KernelConfig:
     access: AccessConfig = field(default_factory=AccessConfig)
     mcp: tuple[McpServerConfig, ...] = ()  # MCP servers whose tools the kernel offers
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    durable: DurableConfig = field(default_factory=DurableConfig)
 
     def __post_init__(self) -> None:
         if not self.cores:

@@ -109,6 +109,13 @@ class KernelShutdown(AIOSError):
     code = "kernel_shutdown"
 
 
+class ReplayDiverged(AIOSError):
+    """A resumed agent's syscall differs from the one its journal recorded at that step (its
+    code, task or inputs changed since it ran): the process fails instead of re-running it."""
+
+    code = "replay_diverged"
+
+
 class CoreError(AIOSError):
     """The LLM core failed while running the syscall (the core itself keeps serving)."""
 

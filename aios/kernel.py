@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack, aclosing
@@ -23,6 +24,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aios.access import WRITES, Access, Decision, capability
 from aios.audit import AuditLog, Record
 from aios.config import CoreConfig, KernelConfig, RemoteCoreConfig, RouterConfig
+from aios.durable import (
+    ProcessRow,
+    ProcessTable,
+    ReplayClient,
+    agent_ref,
+    load_agent,
+    new_kernel_id,
+    process_number,
+    record_decision,
+    recorded_decision,
+)
 from aios.errors import (
     AIOSError,
     ConfigError,
@@ -35,6 +47,7 @@ from aios.errors import (
     SyscallCancelled,
 )
 from aios.events import EventBus
+from aios.journal import Journal
 from aios.llm.base import Core
 from aios.llm.core import LLMCore
 from aios.llm.engine import Engine
@@ -56,7 +69,9 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor
 
     from aios.sdk.agent import Agent
+    from aios.sdk.llm import SyscallClient
 
+log = logging.getLogger("aios.kernel")
 EngineFactory = Callable[[CoreConfig], Engine]
 V = TypeVar("V")
 REMOTE_CONTEXT_TOKENS = 4096  # what memory fitting assumes of a core whose tokenizer is remote
@@ -133,6 +148,18 @@ class Kernel:
         self._resources.db.timed = self.metrics.job
         self._mcp: AsyncExitStack | None = None  # the MCP servers' sessions
         self._calls: dict[str, asyncio.Task[None]] = {}  # resource calls' work, by syscall id
+        # Durable processes (aios.durable): the journal of their syscalls (also the record of
+        # HTTP calls with an Idempotency-Key) and the process table with its leases.
+        self.journal = Journal(self._resources.db)
+        durable = self.config.durable
+        self.kernel_id = durable.kernel_id or new_kernel_id()
+        self.durable = (
+            ProcessTable(self._resources.db, self.kernel_id, durable.lease_seconds)
+            if durable.enabled
+            else None
+        )
+        self._daemons: list[asyncio.Task[None]] = []  # the journal's writer, the lease keeper
+        self._held: dict[int, AgentProcess] = {}  # durable processes this kernel runs
 
     def clock(self) -> float:
         """The kernel's one clock, in seconds: the running event loop's time. Deadlines (what
@@ -185,6 +212,10 @@ class Kernel:
             self._writer = self._tasks.create_task(self.audit.run(), name="audit")
             for name, core in self.cores.items():
                 self._loops.append(self._tasks.create_task(core.run(), name=f"core-{name}"))
+            self._daemons.append(self._tasks.create_task(self.journal.run(), name="journal"))
+            if self.durable is not None:  # processes that were running resume now
+                await self._claim(own=True)
+                self._daemons.append(self._tasks.create_task(self._leases(), name="leases"))
             undo.pop_all()
         return self
 
@@ -204,6 +235,11 @@ class Kernel:
         await self._close_cores()
         if ending:
             await asyncio.wait(ending)
+        for daemon in self._daemons:  # once no agent can append to the journal any more
+            daemon.cancel()
+        if self._daemons:
+            await asyncio.wait(self._daemons)
+        self._daemons = []
         if self._writer is not None:
             await self.audit.drain()
             self._writer.cancel()
@@ -273,13 +309,15 @@ class Kernel:
         *,
         name: str | None = None,
         process: AgentProcess | None = None,
+        client: SyscallClient | None = None,
     ) -> AgentProcess:
         """Run one agent to completion. Its failure is recorded, never raised: one broken
-        agent must not take the others down. Cancellation (``kill``) is recorded, then raised."""
+        agent must not take the others down. Cancellation (``kill``) is recorded, then raised.
+        ``client``: how its syscalls reach the kernel (default: directly, in-process)."""
         from aios.sdk.local import LocalClient
 
         process = process or self.register(name or agent_cls.name, task)
-        agent = agent_cls(LocalClient(self, process))
+        agent = agent_cls(client or LocalClient(self, process))
         with self.tracing.agent(process) if self.tracing else contextlib.nullcontext():
             try:
                 result = await agent.run(task)
@@ -296,21 +334,152 @@ class Kernel:
                 self.release(process)
         return process
 
-    def spawn(self, agent_cls: type[Agent], task: str, *, owner: str | None = None) -> AgentProcess:
-        """Start an agent as a kernel task and return its process at once."""
+    async def spawn(
+        self,
+        agent_cls: type[Agent],
+        task: str,
+        *,
+        owner: str | None = None,
+        groups: frozenset[str] = frozenset(),
+    ) -> AgentProcess:
+        """Start an agent as a kernel task and return its process once it is recorded: a
+        durable one (``proc-N``) resumes after a restart of the kernel (aios.durable). It runs
+        as ``owner`` (a credential's name) with that credential's ``groups``."""
         if self._tasks is None:
             raise KernelShutdown("the kernel is not running")
-        process = self.register(agent_cls.name, task, owner=owner)
-        process.runner = self._tasks.create_task(
-            self.run_agent(agent_cls, task, process=process), name=process.id
-        )
+        if self.durable is None:
+            process = self.register(agent_cls.name, task, owner=owner)
+            process.groups = groups
+            self._start(process, self.run_agent(agent_cls, task, process=process))
+            return process
+        ref = agent_ref(agent_cls)
+        try:
+            found = load_agent(ref)
+        except ConfigError:
+            found = None
+        if found is not agent_cls:
+            raise ConfigError(
+                f"{ref} cannot be spawned as a durable process: a restarted kernel could not "
+                "import it to resume it. Define the agent class at module level (importable by "
+                "its module and name), or run it with run_agent, or turn durable processes off "
+                "([kernel.durable] enabled = false)"
+            )
+        row = await self.durable.create(ref, agent_cls.name, task, owner, groups)
+        return self._adopt(row, fresh=True)
+
+    def _start(self, process: AgentProcess, run: Coroutine[Any, Any, AgentProcess]) -> None:
+        assert self._tasks is not None
+        process.runner = self._tasks.create_task(run, name=process.id)
         self._spawned.add(process.runner)
         process.runner.add_done_callback(self._spawned.discard)
+
+    def _adopt(self, row: ProcessRow, *, fresh: bool) -> AgentProcess:
+        """Run a durable process here (new, or resumed by replay)."""
+        process = self.register(row.name, row.task, owner=row.owner, pid=row.id)
+        process.groups = frozenset(g for g in row.groups.split(",") if g)
+        self._held[row.n] = process
+        self._start(process, self._run_durable(process, row, fresh))
+        return process
+
+    async def _run_durable(
+        self, process: AgentProcess, row: ProcessRow, fresh: bool
+    ) -> AgentProcess:
+        """A durable process's run: replay what its journal holds, run the rest live, record
+        its end. Stopped by the kernel's shutdown it stays running in the table (it resumes on
+        the next start); killed, it ends there as failed."""
+        assert self.durable is not None
+        try:
+            try:
+                cls = load_agent(row.agent)
+                entries = {} if fresh else await self.journal.entries(process.id)
+            except AIOSError as e:
+                process.exit(self.clock(), error=f"{e.code}: {e}")
+            else:
+                self._restore_quota(process, entries.values())
+                client = ReplayClient(
+                    self, process, self.journal, entries, seed=row.seed, started=row.created
+                )
+                await self.run_agent(cls, row.task, process=process, client=client)
+                if client.diverged is not None:
+                    process.exit(self.clock(), error=f"{client.diverged.code}: {client.diverged}")
+                elif client.unreplayed and process.error is None:
+                    process.exit(
+                        self.clock(),
+                        error=f"replay_diverged: {process.id} ended before the "
+                        f"{client.unreplayed} syscalls its journal still holds (its code, task "
+                        "or inputs changed since it ran)",
+                    )
+                if client.replayed:
+                    log.info("%s resumed: %d syscalls replayed", process.id, client.replayed)
+        except asyncio.CancelledError:
+            if process.killed and self._tasks is not None:  # killed: that is its end
+                self._tasks.create_task(self.durable.finish(row.n, "failed", None, "killed"))
+            raise
+        finally:
+            self._held.pop(row.n, None)
+        state = "failed" if process.error is not None else "done"
+        await self.durable.finish(row.n, state, process.result, process.error)
+        return process
+
+    def _restore_quota(self, process: AgentProcess, entries: Iterable[Any]) -> None:
+        """Charge a resumed process's quota window with its journalled LLM calls of the last
+        minute (the window a restart would otherwise forget)."""
+        quota = self.access.quota(process.principal, self.config.quota)
+        offset = self.clock() - time.time()  # wall clock -> the kernel's clock
+        for entry in sorted(entries, key=lambda e: e.at):
+            if entry.tokens:
+                self.quotas.charge(process.id, entry.tokens, quota, at=entry.at + offset)
+
+    async def _claim(self, *, own: bool = False) -> None:
+        """Take over running processes whose lease expired (and, at start, this kernel id's
+        own) and resume them."""
+        assert self.durable is not None
+        while True:
+            rows = await self.durable.claim(own=own)
+            for row in rows:
+                if row.n not in self._held:
+                    self._adopt(row, fresh=False)
+            if len(rows) < 1000:
+                return
+
+    async def _leases(self) -> None:
+        """Renew this kernel's leases every third of their length; take over expired ones;
+        drop idempotency records past their time. A process whose lease another kernel took
+        (this one stalled past it) stops here."""
+        assert self.durable is not None
+        config = self.config.durable
+        while True:
+            await asyncio.sleep(config.lease_seconds / 3)
+            try:
+                held = await self.durable.renew()
+                for n, process in list(self._held.items()):
+                    if n not in held and process.runner is not None:
+                        process.error = "lost its lease: another kernel runs it now"
+                        process.runner.cancel()
+                await self._claim()
+                await self.journal.expire(time.time() - config.idempotency_hours * 3600)
+            except AIOSError as e:
+                log.warning("could not renew the process leases: %s", e)
+
+    async def find(self, process_id: str) -> AgentProcess | None:
+        """A process by id: in the table in memory, else a durable one that ended (before a
+        restart, or on another kernel)."""
+        process = self.processes.get(process_id)
+        n = process_number(process_id)
+        if process is not None or n is None or self.durable is None:
+            return process
+        row = await self.durable.get(n)
+        if row is None:
+            return None
+        process = AgentProcess(row.name, row.task, self.clock(), id=row.id, owner=row.owner)
+        if row.state != "running":
+            process.exit(self.clock(), result=row.result, error=row.error)
         return process
 
     def kill(self, process: AgentProcess) -> None:
         """Stop an agent: cancel its task (a spawned agent) and its syscalls in flight."""
         if process.runner is not None and not process.runner.done():
+            process.killed = True
             process.runner.cancel()
         for syscall in list(process.inflight):
             self.cancel(syscall)
@@ -355,11 +524,13 @@ class Kernel:
         args: dict[str, Any],
         *,
         timeout: float | None = None,
+        step: str | None = None,
     ) -> Any:
         """A memory or storage syscall: ``kind`` ("memory", "storage"), operation ``op`` with
         ``args``, as ``process``'s principal; its result as JSON values (and bytes for file
-        content)."""
-        return await self.settle(process, self.submit(process, kind, op, args, timeout=timeout))
+        content). ``step``: a durable process's step (its approval is journalled under it)."""
+        request = self.submit(process, kind, op, args, timeout=timeout, step=step)
+        return await self.settle(process, request)
 
     def submit(
         self,
@@ -369,6 +540,7 @@ class Kernel:
         args: dict[str, Any],
         *,
         timeout: float | None = None,
+        step: str | None = None,
     ) -> ResourceCall:
         """Queue a memory or storage syscall on the database's workers (see :meth:`settle`).
         An unknown kind or operation raises at once (NotFound); nothing is queued."""
@@ -397,7 +569,7 @@ class Kernel:
         context = self._tool_context(process, request) if (kind, op) == ("tools", "call") else None
         work = operation.run(who, request.job, context)
         if decision == "approve":
-            work = self._approved(process, request, reason, work, args)
+            work = self._approved(process, request, reason, work, args, step)
         elif decision == "exempt":  # the policy lets its group skip the approval: audited so
             request.decision = "exempt"
         task = self._tasks.create_task(self._run(request, work), name=request.id)
@@ -495,10 +667,13 @@ class Kernel:
         reason: str,
         work: Coroutine[Any, Any, Any],
         args: dict[str, Any],
+        step: str | None = None,
     ) -> Any:
         """Wait for a person to allow the call (until its deadline: then it is denied). A
         change to another agent's files is first checked against its shares: a person is
-        asked only about what the shares would allow."""
+        asked only about what the shares would allow. A durable process's approval keeps its
+        id (``ap-PROCESS-STEP``) across a restart, and its decision is journalled: the call
+        that is made again on resume is not asked twice."""
         cap = f"{request.kind}.{request.op}:{request.resource}"
         who = process.principal
         if request.kind == "storage" and "owner" in args:
@@ -511,7 +686,34 @@ class Kernel:
             except BaseException:
                 work.close()
                 raise
-        pending = self.access.ask(who, process.id, cap, reason)
+        try:
+            known = None
+            if step is not None:
+                known = await recorded_decision(self.journal, process.id, step)
+            if known is not None:  # decided before the kernel restarted
+                allowed = known
+            else:
+                ident = None if step is None else f"ap-{process.id}-{step}"
+                allowed, reason = await self._ask(process, request, cap, reason, ident)
+                if allowed and step is not None:
+                    await record_decision(self.journal, process.id, step, allowed)
+        except BaseException:
+            work.close()
+            raise
+        if not allowed:
+            work.close()  # it never starts
+        if not allowed:
+            request.decision = "rejected"
+            raise PermissionDenied(f"{cap} needs approval and was denied: {reason}")
+        request.decision = "approved"
+        return await work
+
+    async def _ask(
+        self, process: AgentProcess, request: ResourceCall, cap: str, reason: str, ident: str | None
+    ) -> tuple[bool, str]:
+        """Ask a person; whether they allowed it (before the deadline), and why not."""
+        who = process.principal
+        pending = self.access.ask(who, process.id, cap, reason, ident=ident)
         if self.tracing is not None:
             self.tracing.approval(request, "asked")
         self.events.publish(
@@ -528,19 +730,13 @@ class Kernel:
         finally:
             if not pending.decided.done():  # timed out, or the caller left: no longer pending
                 pending.decided.set_result(False)
-            if not allowed:
-                work.close()  # it never starts
         self.events.publish(
             "approval", principal=who.name, process=process.id, syscall=pending.id,
             state="allowed" if allowed else "denied", data={"capability": cap, "call": request.id},
         )  # fmt: skip
         if self.tracing is not None:
             self.tracing.approval(request, "allowed" if allowed else "denied")
-        if not allowed:
-            request.decision = "rejected"
-            raise PermissionDenied(f"{cap} needs approval and was denied: {reason}")
-        request.decision = "approved"
-        return await work
+        return allowed, reason
 
     def _audit(
         self, process: AgentProcess, kind: str, op: str, resource: str, decision: str, outcome: str
@@ -762,6 +958,8 @@ class Kernel:
 
     def _track(self, process: AgentProcess, syscall: Syscall) -> None:
         syscall.observer = functools.partial(self._observed, process)
+        # An outcome nobody waits for any more (its agent was stopped) is not an asyncio error.
+        syscall.future.add_done_callback(_retrieve)
         if self.tracing is not None:
             self.tracing.opened(process, syscall)
         self._observed(process, syscall, syscall.status.value)
@@ -798,6 +996,11 @@ class Kernel:
         done = [key for key, value in table.items() if finished(value)]
         for key in done[: len(done) - limit // 2]:
             del table[key]
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _outcome(request: Syscall) -> str:

@@ -1,8 +1,9 @@
 """The process table: one entry per agent the kernel serves, with its state and usage.
 
-Two kinds of entries: an agent program the kernel runs as a task (``agent-N``, from
-``run_agent`` or ``spawn``), and an agent outside the kernel that makes syscalls over HTTP with
-its credential (``@name``, one entry per identity, created on its first syscall).
+Two kinds of entries: an agent program the kernel runs as a task (``agent-N`` from
+``run_agent``; ``proc-N``, durable, from ``spawn``: see aios.durable), and an agent outside
+the kernel that makes syscalls over HTTP with its credential (``@name``, one entry per
+identity, created on its first syscall).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class AgentProcess:
     waited: float = 0.0  # total time its syscalls spent queued
     inflight: list[Syscall] = field(default_factory=list)
     runner: asyncio.Task[AgentProcess] | None = None  # the task running it (spawned agents)
+    killed: bool = False  # stopped by a kill (not by the kernel's shutdown)
     _done: bool = False
     _failed: bool = False
 

@@ -130,8 +130,11 @@ class Quotas:
             if agent.idle and not agent.window and self._agents.get(agent_id) is agent:
                 del self._agents[agent_id]  # nothing left to remember
 
-    def charge(self, agent_id: str, tokens: int, quota: Quota | None = None) -> None:
-        """Count ``tokens`` (prompt + completion) against the agent's window, now."""
+    def charge(
+        self, agent_id: str, tokens: int, quota: Quota | None = None, *, at: float | None = None
+    ) -> None:
+        """Count ``tokens`` (prompt + completion) against the agent's window, now (or ``at``,
+        no later than now and after the agent's other charges: a resumed agent's past)."""
         if tokens < 0:
             raise ValueError(f"cannot charge a negative number of tokens ({tokens})")
         quota = quota or self.quota
@@ -139,7 +142,10 @@ class Quotas:
             return
         now = self._clock()
         agent = self._touch(agent_id, now, quota)
-        agent.window.append((now, tokens))
+        when = now if at is None else min(at, now)
+        if agent.window and when < agent.window[-1][0]:
+            when = agent.window[-1][0]  # the window stays in time order
+        agent.window.append((when, tokens))
         agent.used += tokens
 
     def used(self, agent_id: str) -> int:

@@ -22,7 +22,14 @@ from typing import Any
 import httpx
 from fakes import CORE_DEFAULTS, FakeEngine, FakeFactory
 
-from aios.config import AccessConfig, CoreConfig, KernelConfig, ObservabilityConfig, StorageConfig
+from aios.config import (
+    AccessConfig,
+    CoreConfig,
+    DurableConfig,
+    KernelConfig,
+    ObservabilityConfig,
+    StorageConfig,
+)
 from aios.quota import Quota
 from aios.server.config import ServerConfig, Settings
 from aios.server.main import BackgroundServer
@@ -113,6 +120,7 @@ def serve(
     quota: Quota | None = None,
     access: AccessConfig | None = None,
     observability: ObservabilityConfig | None = None,
+    durable: DurableConfig | None = None,
     keep: bool = False,
     **core: Any,
 ) -> Iterator[Harness]:
@@ -128,6 +136,7 @@ def serve(
             quota=quota or Quota(),
             access=access or AccessConfig(),
             observability=observability or ObservabilityConfig(),
+            durable=durable or DurableConfig(),
             storage=StorageConfig(database=str(data_dir / "aios.db") if keep else ""),
         ),
     )

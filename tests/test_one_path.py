@@ -306,9 +306,11 @@ def test_no_credential_can_claim_a_reserved_group(tmp_path: Path) -> None:
         with pytest.raises(InvalidRequest, match="reserved"):
             identities.create("g2", (group,))
     # A row written before the name was reserved gives no power.
-    identities._db.execute("UPDATE identities SET groups = 'admin,ops,team'")
+    db = identities._db
+    assert db is not None
+    db.run("UPDATE identities SET groups = 'admin,ops,team'")
     _, token = identities.create("g3", ("team",))
-    identities._db.execute("UPDATE identities SET groups = 'admin,team' WHERE name = 'g3'")
+    db.run("UPDATE identities SET groups = 'admin,team' WHERE name = 'g3'")
     identities._changed()
     found = identities.authenticate(token)
     assert found is not None and found.groups == ("team",) and not found.admin

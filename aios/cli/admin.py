@@ -1,11 +1,11 @@
-"""For the administrator of a kernel: agent identities (``agent``, in the kernel's data dir),
+"""For the administrator of a kernel: agent identities (``agent``, in the kernel's database),
 and, over a running kernel's HTTP API with a token, its processes (``ps``, ``kill``), the
 calls waiting for approval (``approve``) and its tools (``tools``; ``tools sandbox`` looks at
 this machine)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -26,6 +26,20 @@ from aios.cli.common import (
 )
 from aios.errors import AIOSError
 
+if TYPE_CHECKING:
+    from aios.identity import Identities
+
+
+def _identities(config: str | None) -> Identities:
+    """The kernel's identity table (in its database), or a one-line error."""
+    from aios.server.main import open_identities
+
+    try:
+        return open_identities(_settings(config))
+    except AIOSError as e:
+        _say_error(e)
+        raise typer.Exit(2) from None
+
 
 @agent_app.command("create")
 def agent_create(
@@ -39,9 +53,7 @@ def agent_create(
 
     Example: aios agent create alice --group research
     """
-    from aios.server.main import open_identities
-
-    identities = open_identities(_settings(config))
+    identities = _identities(config)
     try:
         identity, token = identities.create(name, tuple(group or ()))
     except AIOSError as e:
@@ -56,9 +68,7 @@ def agent_create(
 @agent_app.command("list")
 def agent_list(config: ConfigOpt = None) -> None:
     """List agent identities."""
-    from aios.server.main import open_identities
-
-    identities = open_identities(_settings(config))
+    identities = _identities(config)
     try:
         for identity in identities.list():
             groups = ",".join(identity.groups) or "-"
@@ -72,9 +82,7 @@ def agent_list(config: ConfigOpt = None) -> None:
 @agent_app.command("revoke")
 def agent_revoke(name: str, config: ConfigOpt = None) -> None:
     """Revoke an agent's token (it stops working at once)."""
-    from aios.server.main import open_identities
-
-    identities = open_identities(_settings(config))
+    identities = _identities(config)
     try:
         if not identities.revoke(name):
             err.print(f"[red]error:[/red] no agent named {name!r}")

@@ -107,7 +107,11 @@ def _operate(
         settings.kernel.storage, database=_database_url(settings, database)
     )
     kernel_config = dataclasses.replace(settings.kernel, storage=storage, mcp=())
-    groups = _groups_of(settings, agent)
+    try:
+        groups = _groups_of(settings, storage.database, agent)
+    except AIOSError as e:
+        _say_error(e)
+        raise typer.Exit(EXIT_CODES.get(type(e), 1)) from None
 
     async def go() -> Any:
         async with Kernel(kernel_config, llm=False) as kernel:
@@ -124,15 +128,12 @@ def _operate(
         raise typer.Exit(EXIT_CODES.get(type(e), 1)) from None
 
 
-def _groups_of(settings: Any, agent: str) -> frozenset[str]:
-    """The groups of ``agent``'s credential (none for an agent without one)."""
+def _groups_of(settings: Any, url: str, agent: str) -> frozenset[str]:
+    """The groups of ``agent``'s credential in the database at ``url`` (none for an agent
+    without one)."""
     from aios.identity import Identities
-    from aios.server.main import DB_FILE
 
-    path = settings.server.data_path / DB_FILE
-    if not path.exists():
-        return frozenset()
-    identities = Identities(path, settings.kernel.access.exempt)
+    identities = Identities(url, settings.kernel.access.exempt)
     try:
         found = [i for i in identities.list() if i.name == agent]
     finally:

@@ -77,6 +77,14 @@ def resource_request(
     return f"/api/v1/{kind}/{op}", {"json": args, "params": params}
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def keyed(key: str | None) -> dict[str, str]:
+    """The headers of a call with an idempotency key (none without one)."""
+    return {} if key is None else {IDEMPOTENCY_HEADER: key}
+
+
 def decode_bytes(value: Any) -> Any:
     """A result from JSON: ``{"base64": ...}`` (file content) becomes bytes again."""
     if isinstance(value, dict):
@@ -156,10 +164,12 @@ class _Base:
         self.retries = retries
         self.backoff = backoff
 
-    def _retry_delay(self, error: httpx.TransportError, attempt: int) -> float:
+    def _retry_delay(self, error: httpx.TransportError, attempt: int, keyed: bool) -> float:
         """Seconds to wait before retrying after ``error``, or raise :class:`Unreachable`:
-        only a failure to connect (nothing reached the server) is retried, ``retries`` times."""
-        if not isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        a failure to connect (nothing reached the server) is retried, ``retries`` times; so is
+        a connection lost mid-call when the call carries an ``Idempotency-Key`` (``keyed``: the
+        kernel answers a repeat with the first answer, never a second run)."""
+        if not keyed and not isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
             raise Unreachable(f"lost the connection to {self.base_url}: {error}") from None
         if attempt == self.retries:
             raise Unreachable(f"cannot reach the kernel at {self.base_url}: {error}") from None
@@ -207,28 +217,43 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def request(self, method: str, path: str, **kw: Any) -> Any:
-        attempt = 0
+        attempt, keyed = 0, IDEMPOTENCY_HEADER in kw.get("headers", {})
         while True:
             try:
                 return self._check(await self._http.request(method, path, **kw))
             except httpx.TransportError as e:
-                delay = self._retry_delay(e, attempt)
+                delay = self._retry_delay(e, attempt, keyed)
             await asyncio.sleep(delay)  # backoff before a bounded retry
             attempt += 1
 
     async def llm(
-        self, call: LLMCall, *, timeout: float | None = None, memory: MemoryUse | None = None
+        self,
+        call: LLMCall,
+        *,
+        timeout: float | None = None,
+        memory: MemoryUse | None = None,
+        idempotency_key: str | None = None,
     ) -> Completion:
+        """An LLM syscall. With ``idempotency_key`` a repeat (a retry after a lost connection,
+        or after a restart of the kernel) answers with the first call's result."""
         path, body = call_body(call, timeout, stream=False, memory=memory)
         started = time.monotonic()
-        return completion_of(await self.request("POST", path, json=body), started)
+        envelope = await self.request("POST", path, json=body, headers=keyed(idempotency_key))
+        return completion_of(envelope, started)
 
     async def call(
-        self, kind: str, op: str, args: dict[str, Any], *, timeout: float | None = None
+        self,
+        kind: str,
+        op: str,
+        args: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Any:
-        """A memory or storage syscall (what ``Agent.memory`` and ``Agent.storage`` use)."""
+        """A memory or storage syscall (what ``Agent.memory`` and ``Agent.storage`` use);
+        ``idempotency_key`` as for :meth:`llm`."""
         path, kw = resource_request(kind, op, args, timeout)
-        envelope = await self.request("POST", path, **kw)
+        envelope = await self.request("POST", path, headers=keyed(idempotency_key), **kw)
         return decode_bytes(envelope["result"])
 
     async def stream(
@@ -311,30 +336,39 @@ class Client(_Base):
         self._http.close()
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
-        attempt = 0
+        attempt, keyed = 0, IDEMPOTENCY_HEADER in kw.get("headers", {})
         while True:
             try:
                 return self._check(self._http.request(method, path, **kw))
             except httpx.TransportError as e:
-                delay = self._retry_delay(e, attempt)
+                delay = self._retry_delay(e, attempt, keyed)
             time.sleep(delay)  # a blocking client's backoff before a bounded retry
             attempt += 1
 
-    def llm(self, call: LLMCall, *, timeout: float | None = None) -> Completion:
+    def llm(
+        self, call: LLMCall, *, timeout: float | None = None, idempotency_key: str | None = None
+    ) -> Completion:
         path, body = call_body(call, timeout, stream=False)
         started = time.monotonic()
-        return completion_of(self.request("POST", path, json=body), started)
+        envelope = self.request("POST", path, json=body, headers=keyed(idempotency_key))
+        return completion_of(envelope, started)
 
     def chat(self, messages: Sequence[Message | dict[str, Any]], **kw: Any) -> Completion:
         timeout = kw.pop("timeout", None)
         return self.llm(chat_call(messages, **kw), timeout=timeout)
 
     def call(
-        self, kind: str, op: str, args: dict[str, Any], *, timeout: float | None = None
+        self,
+        kind: str,
+        op: str,
+        args: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Any:
         """A memory or storage syscall: ``client.call("storage", "ls", {"path": ""})``."""
         path, kw = resource_request(kind, op, args, timeout)
-        envelope = self.request("POST", path, **kw)
+        envelope = self.request("POST", path, headers=keyed(idempotency_key), **kw)
         return decode_bytes(envelope["result"])
 
     def stream(self, call: LLMCall, *, timeout: float | None = None) -> Iterator[str | Completion]:

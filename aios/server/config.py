@@ -17,6 +17,8 @@
     max_bytes = 1073741824    # per agent
     [kernel.memory]
     ram_bytes = 67108864      # the RAM tier of all agents' memory (LRU-K eviction)
+    [kernel.durable]          # spawned agents survive a restart (journal + replay)
+    lease_seconds = 30.0      # a second kernel on one PostgreSQL takes over after this
     [kernel.access]           # capabilities: deny by default; every agent is in "default"
     approve = ["storage.delete:*"]          # these wait for `aios approve allow ID`
     [kernel.access.groups]
@@ -62,6 +64,7 @@ from typing import Any, TypeVar
 from aios.config import (
     AccessConfig,
     CoreConfig,
+    DurableConfig,
     KernelConfig,
     McpServerConfig,
     MemoryConfig,
@@ -163,7 +166,12 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise ConfigError("AIOS_MODEL sets the first core's model; it is not embedded")
         built[0] = dataclasses.replace(first, model=env["AIOS_MODEL"])
     tables: dict[str, Any] = {"cores": tuple(built)}
-    for name, cls in (("quota", Quota), ("storage", StorageConfig), ("memory", MemoryConfig)):
+    for name, cls in (
+        ("quota", Quota),
+        ("storage", StorageConfig),
+        ("memory", MemoryConfig),
+        ("durable", DurableConfig),
+    ):
         tables[name] = _build(cls, _table(kernel, name), f"kernel.{name}")
         kernel.pop(name, None)
     access: dict[str, Any] = {

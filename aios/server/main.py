@@ -9,6 +9,7 @@ the kernel ends whatever is left with a clear ``kernel_shutdown`` error.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -24,29 +25,81 @@ from aios.identity import TOKEN_PREFIX, Identities
 from aios.kernel import EngineFactory, Kernel, llamacpp_engine
 from aios.server.app import create_app
 from aios.server.config import Settings
+from aios.storage.db import Database
+from aios.tools.registry import ToolRegistry
 
 log = logging.getLogger("aios.server")
 ADMIN_TOKEN_FILE = "admin.token"
 DB_FILE = "aios.db"
+KERNEL_ID_FILE = "kernel.id"
 
 
 def open_identities(settings: Settings, env: dict[str, str] | None = None) -> Identities:
-    """The identity table in the data directory, with the admin token installed: from
-    ``$AIOS_ADMIN_TOKEN``, else from ``DATA_DIR/admin.token`` (created, mode 0600, on first
-    use). The token itself is never logged."""
+    """The identity table in the kernel's database (``[kernel.storage] database``; unset:
+    ``DATA_DIR/aios.db``), with the admin token installed: from ``$AIOS_ADMIN_TOKEN``, else
+    from ``DATA_DIR/admin.token`` (created, mode 0600, on first use). The token itself is
+    never logged. A database with no identities yet (a kernel's first start on PostgreSQL)
+    first gets the agents of ``DATA_DIR/aios.db``, where older versions kept them."""
     env = dict(os.environ) if env is None else env
     data = settings.server.data_path
-    identities = Identities(data / DB_FILE, settings.kernel.access.exempt)
-    token = env.get("AIOS_ADMIN_TOKEN") or read_admin_token(data)
-    if token is None:
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        path = data / ADMIN_TOKEN_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        log.warning("created the admin token in %s (mode 0600)", path)
-    identities.set_admin_token(token)
+    storage = settings.kernel.storage
+    database = Database.open(
+        storage.database or str(data / DB_FILE), synchronous=storage.sqlite_synchronous
+    )
+    identities = Identities(database, settings.kernel.access.exempt)
+    try:
+        old = data / DB_FILE
+        elsewhere = database.path is None or database.path.resolve() != old.resolve()
+        if elsewhere and (imported := identities.import_file(old)):
+            log.warning(
+                "imported %d agent identities from %s into %s",
+                imported,
+                old,
+                database.redacted(),
+            )
+        token = env.get("AIOS_ADMIN_TOKEN") or read_admin_token(data)
+        if token is None:
+            token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+            path = data / ADMIN_TOKEN_FILE
+            try:
+                data.mkdir(parents=True, exist_ok=True)  # on PostgreSQL nothing else made it
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(token + "\n")
+            except OSError as e:
+                raise ConfigError(f"cannot create the admin token file {path}: {e}") from None
+            log.warning("created the admin token in %s (mode 0600)", path)
+        if identities.set_admin_token(token) and database.dialect == "postgres":
+            log.warning(
+                "replaced another admin token in %s: the kernels on one database share one "
+                "admin identity, so give them all the same $AIOS_ADMIN_TOKEN (or admin.token)",
+                database.redacted(),
+            )
+    except BaseException:
+        identities.close()
+        raise
     return identities
+
+
+def kernel_id(settings: Settings) -> str:
+    """This server's name in the process leases (aios.durable), kept in DATA_DIR/kernel.id:
+    a server restarted on the same data directory takes its own processes back at once."""
+    path = settings.server.data_path / KERNEL_ID_FILE
+    try:
+        known = path.read_text().strip()
+    except FileNotFoundError:
+        known = ""
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if known:
+        return known
+    made = f"{socket.gethostname()[:40]}-{secrets.token_hex(6)}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(made + "\n")
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e}") from None
+    return made
 
 
 def read_admin_token(data_dir: Path) -> str | None:
@@ -76,15 +129,22 @@ async def serve(
     *,
     engine_factory: EngineFactory = llamacpp_engine,
     on_ready: Callable[[uvicorn.Server, Kernel], None] | None = None,
+    tools: ToolRegistry | None = None,
 ) -> None:
     """Start the kernel, serve HTTP until told to stop (SIGINT/SIGTERM, or
-    ``server.should_exit``), then stop the kernel."""
+    ``server.should_exit``), then stop the kernel. ``tools``: the kernel's tools (default:
+    the built-in ones and the ``aios.tools`` entry points)."""
     identities = open_identities(settings)
     try:
         hidden = (str(settings.server.data_path),)  # tokens and identities: never in a sandbox
-        async with Kernel(settings.kernel, engine_factory=engine_factory, hidden=hidden) as kernel:
+        config = settings.kernel
+        if not config.durable.kernel_id:  # a restart on this data directory is this kernel
+            durable = dataclasses.replace(config.durable, kernel_id=kernel_id(settings))
+            config = dataclasses.replace(config, durable=durable)
+        kernel = Kernel(config, engine_factory=engine_factory, hidden=hidden, tools=tools)
+        async with kernel:
             app = create_app(kernel, identities, settings.server, own_kernel=False)
-            config = uvicorn.Config(
+            http = uvicorn.Config(
                 app,
                 host=settings.server.host,
                 port=settings.server.port,
@@ -93,7 +153,7 @@ async def serve(
                 timeout_graceful_shutdown=int(settings.server.shutdown_grace) or None,
                 lifespan="off",
             )
-            server = _Server(config, lambda s: on_ready(s, kernel) if on_ready else None)
+            server = _Server(http, lambda s: on_ready(s, kernel) if on_ready else None)
             await server.serve()
             if not server.started:
                 host, port = settings.server.host, settings.server.port

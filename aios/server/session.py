@@ -30,6 +30,7 @@ from aios.identity import Identities, Identity
 from aios.kernel import Kernel
 from aios.process import AgentProcess
 from aios.server.config import ServerConfig
+from aios.server.idempotency import Idempotency
 from aios.server.schemas import SyscallOut
 from aios.syscall import Completion, LLMCall, Syscall
 from aios.tracing import trace_id
@@ -44,6 +45,7 @@ class Server:
         self.identities = identities
         self.config = config
         self.streams: Counter[str] = Counter()
+        self.idempotency = Idempotency(kernel)  # Idempotency-Key on syscall routes
 
     # -- identity ----------------------------------------------------------------------------
     def identify(self, credentials: HTTPAuthorizationCredentials | None) -> Identity:

@@ -22,6 +22,23 @@ _ANCHOR = """CREATE TABLE audit_anchor (
     at {real} NOT NULL)"""
 
 
+_PROCESSES = """CREATE TABLE processes (
+    n {serial} PRIMARY KEY, agent TEXT NOT NULL, name TEXT NOT NULL, task TEXT NOT NULL,
+    owner TEXT, groups TEXT NOT NULL, seed BIGINT NOT NULL, state TEXT NOT NULL,
+    result TEXT, error TEXT, created {real} NOT NULL, finished {real},
+    kernel TEXT, lease_until {real})"""
+
+_JOURNAL = """CREATE TABLE journal (
+    process TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, value TEXT NOT NULL,
+    tokens BIGINT NOT NULL, at {real} NOT NULL, PRIMARY KEY (process, key))"""
+
+
+# The columns are those of the table older versions kept in a file of its own.
+_IDENTITIES = """CREATE TABLE {exists}identities (
+    name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, groups TEXT NOT NULL DEFAULT '',
+    admin INTEGER NOT NULL DEFAULT 0, created {real} NOT NULL)"""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -126,6 +143,38 @@ MIGRATIONS: tuple[Migration, ...] = (
         "audit_anchor: where a pruned audit log's chain resumes",
         sqlite=(_ANCHOR.format(real="REAL"),),
         postgres=(_ANCHOR.format(real="DOUBLE PRECISION"),),
+    ),
+    Migration(
+        5,
+        "durable processes: the processes the kernel runs, with leases, and the syscall journal",
+        sqlite=(
+            _PROCESSES.format(serial="INTEGER", real="REAL").replace(
+                "PRIMARY KEY", "PRIMARY KEY AUTOINCREMENT", 1
+            ),
+            "CREATE INDEX processes_running ON processes (state, lease_until)",
+            _JOURNAL.format(real="REAL"),
+            "CREATE INDEX journal_by_time ON journal (at)",
+        ),
+        postgres=(
+            _PROCESSES.format(serial="BIGSERIAL", real="DOUBLE PRECISION"),
+            "CREATE INDEX processes_running ON processes (state, lease_until)",
+            _JOURNAL.format(real="DOUBLE PRECISION"),
+            "CREATE INDEX journal_by_time ON journal (at)",
+        ),
+    ),
+    Migration(
+        6,
+        "identities: agent credentials, shared by every kernel on the database",
+        # SQLite: IF NOT EXISTS adopts the table older versions made in DATA_DIR/aios.db.
+        sqlite=(_IDENTITIES.format(exists="IF NOT EXISTS ", real="REAL"),),
+        # PostgreSQL: every write to identities bumps n in its transaction, so that each
+        # kernel's cache of known tokens sees another kernel's change (aios/identity.py).
+        postgres=(
+            _IDENTITIES.format(exists="", real="DOUBLE PRECISION"),
+            """CREATE TABLE identities_version (
+                id INTEGER PRIMARY KEY CHECK (id = 1), n BIGINT NOT NULL)""",
+            "INSERT INTO identities_version (id, n) VALUES (1, 0)",
+        ),
     ),
 )
 

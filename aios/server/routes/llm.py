@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse, Response
 
 from aios.errors import AIOSError
 from aios.identity import Identity
-from aios.server.errors import exception_response
+from aios.server.errors import exception_response, http_status
 from aios.server.http import ClientGone, EventStream, cancel_on_disconnect, sse
+from aios.server.idempotency import Claim
 from aios.server.schemas import ChatIn, CompleteIn, SyscallOut
 from aios.server.session import Caller, Server, envelope_responses
 from aios.syscall import Completion, LLMRequest
@@ -25,6 +26,23 @@ def router(server: Server) -> APIRouter:
     api = APIRouter()
 
     async def llm(body: ChatIn | CompleteIn, identity: Identity, request: Request) -> Response:
+        claim = await server.idempotency.begin(identity, request)
+        if isinstance(claim, Response):
+            return claim
+        streamed = False
+        try:
+            response = await run(body, identity, request, claim)
+            streamed = isinstance(response, EventStream)  # the stream records and releases
+            if claim is not None and not streamed:
+                await claim.record_response(response)
+            return response
+        finally:
+            if claim is not None and not streamed:
+                claim.release()
+
+    async def run(
+        body: ChatIn | CompleteIn, identity: Identity, request: Request, claim: Claim | None
+    ) -> Response:
         received = kernel.clock()
         call = body.call()
         process = server.admit(identity, call, body.stream)
@@ -39,7 +57,7 @@ def router(server: Server) -> APIRouter:
         )
         if body.stream:
             return EventStream(
-                syscall_events(server, identity, events, received),
+                syscall_events(server, identity, events, received, claim),
                 on_error=lambda e: exception_response(request.url.path, e),
             )
         outcome = Outcome()
@@ -107,22 +125,33 @@ async def syscall_events(
     identity: Identity,
     events: AsyncGenerator[LLMRequest | str | Completion, None],
     received: float,
+    claim: Claim | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """SSE frames of one syscall: ``syscall`` (its id), ``token``..., then ``result`` or
-    ``error`` (both carry the envelope)."""
+    ``error`` (both carry the envelope). Under an idempotency ``claim`` the final envelope is
+    recorded before it is sent."""
     syscall: LLMRequest | None = None
-    async with aclosing(events), server.stream_slot(identity):
-        try:
-            async for event in events:
-                if isinstance(event, LLMRequest):
-                    syscall = event
-                    yield sse({"id": event.id}, "syscall")
-                elif isinstance(event, str):
-                    yield sse({"text": event}, "token")
-                else:
-                    body = server.envelope(syscall, identity.name, received, completion=event)
-                    yield sse(body, "result")
-        except AIOSError as e:
-            if syscall is None:
-                raise  # nothing sent yet: a plain HTTP error
-            yield sse(server.envelope(syscall, identity.name, received, error=e), "error")
+    try:
+        async with aclosing(events), server.stream_slot(identity):
+            try:
+                async for event in events:
+                    if isinstance(event, LLMRequest):
+                        syscall = event
+                        yield sse({"id": event.id}, "syscall")
+                    elif isinstance(event, str):
+                        yield sse({"text": event}, "token")
+                    else:
+                        body = server.envelope(syscall, identity.name, received, completion=event)
+                        if claim is not None:
+                            await claim.record(200, body)
+                        yield sse(body, "result")
+            except AIOSError as e:
+                if syscall is None:
+                    raise  # nothing sent yet: a plain HTTP error
+                body = server.envelope(syscall, identity.name, received, error=e)
+                if claim is not None:
+                    await claim.record(http_status(e), body)
+                yield sse(body, "error")
+    finally:
+        if claim is not None:
+            claim.release()

@@ -33,7 +33,8 @@ def router(server: Server) -> APIRouter:
         agent = AGENTS.get(body.agent)
         if agent is None:
             raise NotFound(f"no agent program {body.agent!r}; available: {', '.join(AGENTS)}")
-        process = kernel.spawn(agent, body.task, owner=identity.name)
+        groups = frozenset(identity.groups) | ({"admin"} if identity.admin else set())
+        process = await kernel.spawn(agent, body.task, owner=identity.name, groups=groups)
         return JSONResponse(server.process_json(process), status_code=202)
 
     @api.get("/api/v1/processes/{process_id}", response_model=ProcessOut, tags=["processes"])
@@ -44,14 +45,14 @@ def router(server: Server) -> APIRouter:
             float, Query(ge=0, le=300, description="Seconds to wait for it to end")
         ] = 0,
     ) -> Response:
-        process = server.owned(identity, kernel.processes.get(process_id))
+        process = server.owned(identity, await kernel.find(process_id))
         if wait and process.runner is not None and not process.runner.done():
             await asyncio.wait([process.runner], timeout=wait)
         return JSONResponse(server.process_json(process))
 
     @api.delete("/api/v1/processes/{process_id}", response_model=ProcessOut, tags=["processes"])
     async def kill_process(process_id: str, identity: Caller) -> Response:
-        process = server.owned(identity, kernel.processes.get(process_id))
+        process = server.owned(identity, await kernel.find(process_id))
         kernel.kill(process)
         return JSONResponse(server.process_json(process))
 

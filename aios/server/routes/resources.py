@@ -29,6 +29,19 @@ def router(server: Server) -> APIRouter:
     api = APIRouter()
 
     async def resource(kind: str, op: str, identity: Identity, request: Request) -> Response:
+        claim = await server.idempotency.begin(identity, request)
+        if isinstance(claim, Response):
+            return claim
+        try:
+            response = await run(kind, op, identity, request)
+            if claim is not None:
+                await claim.record_response(response)
+            return response
+        finally:
+            if claim is not None:
+                claim.release()
+
+    async def run(kind: str, op: str, identity: Identity, request: Request) -> Response:
         received = kernel.clock()
         timeout = _timeout(request.query_params.get("timeout"))
         raw = await request.body()
