@@ -156,18 +156,19 @@ class ProcessTable:
         )
         return changed > 0
 
-    async def claim(self, *, own: bool) -> list[ProcessRow]:
+    async def claim(self, *, own: bool, after: int = 0) -> list[ProcessRow]:
         """Take the lease of running processes nobody holds any more (their lease expired),
-        and with ``own`` those this kernel id held before it restarted."""
+        and with ``own`` those this kernel id held before it restarted: at most CLAIM_BATCH,
+        numbered above ``after``."""
         now = time.time()
 
         def take(conn: Conn) -> list[ProcessRow]:
             lock = " FOR UPDATE SKIP LOCKED" if conn.dialect == "postgres" else ""
             with conn.transaction():
                 rows = conn.all(
-                    f"SELECT {_COLUMNS} FROM processes WHERE state = 'running' "
+                    f"SELECT {_COLUMNS} FROM processes WHERE state = 'running' AND n > ? "
                     "AND (lease_until < ? OR kernel = ?) ORDER BY n LIMIT ?" + lock,
-                    (now, self.kernel_id if own else "", CLAIM_BATCH),
+                    (after, now, self.kernel_id if own else "", CLAIM_BATCH),
                 )
                 conn.many(
                     "UPDATE processes SET kernel = ?, lease_until = ? WHERE n = ?",

@@ -65,18 +65,25 @@ def _unplain(value: Any) -> Any:
 
 
 def _digest(request: Any) -> str:
-    text = json.dumps(_plain(request), sort_keys=True, separators=(",", ":"), default=repr)
+    text = json.dumps(request, sort_keys=True, separators=(",", ":"), default=repr)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _fields(value: Any) -> list[Any]:
+    """A flat dataclass's field values (shallow: cheaper than dataclasses.asdict)."""
+    return [getattr(value, f.name) for f in dataclasses.fields(value)]
 
 
 def fingerprint(kind: str, op: str, args: dict[str, Any]) -> str:
     """A memory, storage or tool call's request, digested."""
-    return _digest([kind, op, args])
+    return _digest([kind, op, _plain(args)])
 
 
 def llm_fingerprint(call: LLMCall, memory: MemoryUse | None) -> str:
     """An LLM call's request, digested (its messages, prompt, model, sampling, memory use)."""
-    return _digest(["llm", dataclasses.asdict(call), memory and dataclasses.asdict(memory)])
+    messages = [[m.role, m.content] for m in call.messages]
+    use = None if memory is None else _fields(memory)
+    return _digest(["llm", messages, call.prompt, call.model, _fields(call.params), use])
 
 
 def encode(value: Any = None, *, error: BaseException | None = None) -> str:
@@ -89,8 +96,18 @@ def encode(value: Any = None, *, error: BaseException | None = None) -> str:
             record["retry_after"] = retry
         return json.dumps(record)
     if isinstance(value, Completion):
-        body = dataclasses.asdict(value)
-        body.pop("timings")
+        usage = value.usage
+        body = {
+            "text": value.text,
+            "finish_reason": value.finish_reason,
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+            },
+            "model": value.model,
+            "syscall_id": value.syscall_id,
+            "context": value.context,
+        }
         return json.dumps({"completion": body})
     return json.dumps({"value": _plain(value)})
 

@@ -434,13 +434,12 @@ class Kernel:
         """Take over running processes whose lease expired (and, at start, this kernel id's
         own) and resume them."""
         assert self.durable is not None
-        while True:
-            rows = await self.durable.claim(own=own)
+        after = 0
+        while rows := await self.durable.claim(own=own, after=after):
             for row in rows:
                 if row.n not in self._held:
                     self._adopt(row, fresh=False)
-            if len(rows) < 1000:
-                return
+            after = rows[-1].n
 
     async def _leases(self) -> None:
         """Renew this kernel's leases every third of their length; take over expired ones;

@@ -317,3 +317,26 @@ async def test_an_agent_class_a_restart_could_not_import_is_refused_at_spawn(
         process = await k.spawn(Local, "y")
         await finished(k, process.id)
         assert process.result == "y" and process.id.startswith("agent-")
+
+
+async def test_a_start_claims_every_process_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More processes to resume than one claim takes: all are resumed, and the claim ends."""
+    monkeypatch.setattr("aios.durable.CLAIM_BATCH", 3)
+    db = str(tmp_path / "aios.db")
+    for i in range(8):  # this kernel id's, leases not expired
+        await rows(
+            db,
+            "INSERT INTO processes (agent, name, task, owner, groups, seed, state, created, "
+            "kernel, lease_until) VALUES ('durable_agents:Chain', 'chain', ?, NULL, '', 1, "
+            "'running', 0, 'k1', 1e12)",
+            (f"p{i}",),
+        )
+    kernel, factory = make(db)
+    async with asyncio.timeout(LIMIT), kernel:
+        assert len(kernel.processes) == 8
+        for process_id in list(kernel.processes):
+            await finished(kernel, process_id)
+    assert await rows(db, "SELECT DISTINCT state FROM processes") == [("done",)]
+    assert calls(factory) == 8 * Chain.calls
