@@ -30,8 +30,8 @@ The rules an agent follows to be resumable (Temporal's model):
 
 from __future__ import annotations
 
+import asyncio
 import importlib
-import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 PREFIX = "proc-"
 CLAIM_BATCH = 1000  # processes claimed per query
+QUIET = 3  # event-loop passes without a new syscall before a replayed result is handed back
 _COLUMNS = (
     "n, agent, name, task, owner, groups, seed, state, result, error, created, finished, "
     "kernel, lease_until"
@@ -178,20 +179,29 @@ class ProcessTable:
 
         return await self.db.run(take)
 
-    async def renew(self) -> set[int]:
-        """Extend this kernel's leases; the processes it still holds."""
+    async def renew(self, running: set[int]) -> set[int]:
+        """Extend the leases of the processes this kernel runs; those it still holds. Only
+        these: a row this kernel holds but does not run (its run stopped on a database error)
+        expires, and is claimed again (here or elsewhere)."""
+        now = time.time()
 
         def extend(conn: Conn) -> set[int]:
+            held: set[int] = set()
+            numbers = sorted(running)
             with conn.transaction():
-                conn.run(
-                    "UPDATE processes SET lease_until = ? WHERE kernel = ? AND state = 'running'",
-                    (time.time() + self.lease_seconds, self.kernel_id),
-                )
-                rows = conn.all(
-                    "SELECT n FROM processes WHERE kernel = ? AND state = 'running'",
-                    (self.kernel_id,),
-                )
-            return {int(row[0]) for row in rows}
+                for start in range(0, len(numbers), 500):
+                    chunk = numbers[start : start + 500]
+                    marks = ", ".join("?" * len(chunk))
+                    where = f"kernel = ? AND state = 'running' AND n IN ({marks})"
+                    conn.run(
+                        f"UPDATE processes SET lease_until = ? WHERE {where}",
+                        (now + self.lease_seconds, self.kernel_id, *chunk),
+                    )
+                    rows = conn.all(
+                        f"SELECT n FROM processes WHERE {where}", (self.kernel_id, *chunk)
+                    )
+                    held.update(int(row[0]) for row in rows)
+            return held
 
         return await self.db.run(extend)
 
@@ -199,7 +209,13 @@ class ProcessTable:
 class ReplayClient:
     """A durable process's syscall client: a syscall the journal holds at this step returns
     the recorded result (or raises the recorded error); the others run live on the kernel and
-    are recorded before they return."""
+    are recorded before they return.
+
+    Steps are numbered as the agent makes its calls; recorded results are handed back in the
+    order they were handed back when they ran (each entry's ``delivered``), so an agent whose
+    concurrent branches make several calls each (``asyncio.gather``) makes the same calls in
+    the same order on replay. A result that waits for its turn longer than the call's deadline
+    means the program now makes its calls differently: ReplayDiverged."""
 
     def __init__(
         self,
@@ -210,16 +226,24 @@ class ReplayClient:
         *,
         seed: int,
         started: float,
+        lease: int | None = None,
     ) -> None:
         self._kernel = kernel
         self._process = process
         self._journal = journal
+        self._lease = lease
         self._entries = entries
-        self._steps = itertools.count()
+        self._issued = 0  # steps numbered so far (the next one's number)
+        recorded = sorted((e for e in entries.values() if e.delivered >= 0), key=_delivery)
+        self._order = [entry.key for entry in recorded]  # keys, in the order handed back
+        self._next = 0  # index in _order of the next recorded result to hand back
+        self._turn = asyncio.Condition()
+        self._delivered = len(recorded)  # the next live result's place in that order
         self.seed = seed
         self._now = started
         self.replayed = 0  # syscalls answered from the journal
         self.diverged: ReplayDiverged | None = None
+        self.broken: AIOSError | None = None  # the journal could not record a result
 
     def now(self) -> float:
         """Wall-clock time of the agent's last syscall result (of its start before any)."""
@@ -228,7 +252,7 @@ class ReplayClient:
     @property
     def unreplayed(self) -> int:
         """Journalled results no syscall of this run asked for (yet)."""
-        return sum(1 for key in self._entries if "/" not in key)
+        return len(self._order) - self._next
 
     async def llm(
         self, call: LLMCall, *, timeout: float | None = None, memory: MemoryUse | None = None
@@ -236,6 +260,7 @@ class ReplayClient:
         result: Completion = await self._step(
             "llm",
             llm_fingerprint(call, memory),
+            timeout,
             lambda _: self._kernel.llm(self._process, call, timeout=timeout, memory=memory),
         )
         return result
@@ -246,38 +271,100 @@ class ReplayClient:
         return await self._step(
             f"{kind}.{op}",
             fingerprint(kind, op, args),
+            timeout,
             lambda step: self._kernel.resource(
                 self._process, kind, op, args, timeout=timeout, step=step
             ),
         )
 
-    async def _step(self, what: str, digest: str, live: Callable[[str], Awaitable[T]]) -> T:
+    async def _step(
+        self, what: str, digest: str, timeout: float | None, live: Callable[[str], Awaitable[T]]
+    ) -> T:
+        if self.broken is not None:  # nothing more runs here (the process resumes later)
+            raise self.broken
         if self.diverged is not None:  # the agent caught it: nothing it asks runs any more
             raise self.diverged
-        key = str(next(self._steps))
+        key = str(self._issued)
+        self._issued += 1
         entry = self._entries.pop(key, None)
         if entry is not None:
             if entry.fingerprint != digest:
-                self.diverged = ReplayDiverged(
-                    f"{self._process.id} diverged from its journal at step {key} ({what}): the "
-                    "journal recorded a different request there, so its code, task or inputs "
-                    "changed since it ran. Nothing was re-run; spawn it again to start over"
+                raise self._diverge(
+                    f"at step {key} ({what}): the journal recorded a different request there"
                 )
-                raise self.diverged
+            await self._wait_turn(key, what, timeout or self._kernel.config.syscall_timeout)
             self.replayed += 1
             self._now = entry.at
             result: T = decode(entry.value)
             return result
         try:
             value = await live(key)
-        except (KernelShutdown, SyscallCancelled):
-            raise  # the kernel's end or a kill, not the call's outcome: run again on resume
+        except KernelShutdown:
+            raise  # the kernel's end, not the call's outcome: made again on resume
+        except SyscallCancelled as e:
+            task = asyncio.current_task()
+            if self._process.killed or (task is not None and task.cancelling()):
+                raise  # a kill: the process ends anyway
+            await self._record(key, digest, encode(error=e), 0)  # the agent sees it: recorded
+            raise
         except AIOSError as e:
-            self._now = await self._journal.append(self._process.id, key, digest, encode(error=e))
+            await self._record(key, digest, encode(error=e), 0)
             raise
         tokens = value.usage.total_tokens if isinstance(value, Completion) else 0
-        self._now = await self._journal.append(self._process.id, key, digest, encode(value), tokens)
+        await self._record(key, digest, encode(value), tokens)
         return value
+
+    async def _wait_turn(self, key: str, what: str, limit: float) -> None:
+        """Hand a recorded result back in its place in the original order, and only once the
+        agent's other branches that can run have made their calls (as they had, live, while
+        the call ran): then the steps the agent numbers next are the ones it numbered live."""
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    if self._order[self._next] == key:
+                        await self._settle()
+                        if self._order[self._next] == key:
+                            break
+                    async with self._turn:
+                        await self._turn.wait_for(lambda: self._order[self._next] == key)
+        except TimeoutError:
+            raise self._diverge(
+                f"at step {key} ({what}): its concurrent calls came in another order "
+                f"(the recorded result waited {limit:g}s for its turn)"
+            ) from None
+        self._next += 1
+        async with self._turn:
+            self._turn.notify_all()
+
+    async def _settle(self) -> None:
+        """Let the event loop run until QUIET passes in a row make no new syscall."""
+        quiet = 0
+        while quiet < QUIET:
+            issued = self._issued
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if self._issued == issued else 0
+
+    async def _record(self, key: str, digest: str, value: str, tokens: int) -> None:
+        delivered, self._delivered = self._delivered, self._delivered + 1
+        try:
+            self._now = await self._journal.append(
+                self._process.id, key, digest, value, tokens, delivered=delivered,
+                lease=self._lease,
+            )  # fmt: skip
+        except AIOSError as e:
+            self.broken = e
+            raise
+
+    def _diverge(self, where: str) -> ReplayDiverged:
+        self.diverged = ReplayDiverged(
+            f"{self._process.id} diverged from its journal {where}, so its code, task or "
+            "inputs changed since it ran. Nothing was re-run; spawn it again to start over"
+        )
+        return self.diverged
+
+
+def _delivery(entry: Entry) -> int:
+    return entry.delivered
 
 
 async def recorded_decision(journal: Journal, process: str, step: str) -> bool | None:
@@ -286,8 +373,10 @@ async def recorded_decision(journal: Journal, process: str, step: str) -> bool |
     return None if entry is None else bool(decode(entry.value))
 
 
-async def record_decision(journal: Journal, process: str, step: str, allowed: bool) -> None:
-    await journal.append(process, f"{step}/approval", "approval", encode(allowed))
+async def record_decision(
+    journal: Journal, process: str, step: str, allowed: bool, lease: int | None
+) -> None:
+    await journal.append(process, f"{step}/approval", "approval", encode(allowed), lease=lease)
 
 
 def new_kernel_id() -> str:

@@ -116,6 +116,13 @@ class ReplayDiverged(AIOSError):
     code = "replay_diverged"
 
 
+class LeaseLost(AIOSError):
+    """Another kernel holds this durable process now (this one could not renew its lease in
+    time): it stops here, and the other resumes it from the journal."""
+
+    code = "lease_lost"
+
+
 class CoreError(AIOSError):
     """The LLM core failed while running the syscall (the core itself keeps serving)."""
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aios.errors import AIOSError, error_classes
+from aios.errors import AIOSError, KernelShutdown, LeaseLost, Overloaded, error_classes
 from aios.storage.db import Conn, Database
 from aios.syscall import Completion, LLMCall, MemoryUse, Timings, Usage
 
@@ -40,6 +40,7 @@ class Entry:
     value: str  # JSON, see encode()
     tokens: int
     at: float  # wall clock (seconds since the epoch)
+    delivered: int  # the order its result was handed to the agent in (-1: not a result)
 
 
 # -- what is recorded ---------------------------------------------------------------------
@@ -142,17 +143,29 @@ def decode(text: str) -> Any:
 
 # -- the table ------------------------------------------------------------------------------
 _INSERT = (
-    "INSERT INTO journal (process, key, fingerprint, value, tokens, at) VALUES (?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (process, key) DO NOTHING"
+    "INSERT INTO journal (process, key, fingerprint, value, tokens, at, delivered) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (process, key) DO NOTHING"
 )
+_SELECT = "SELECT key, fingerprint, value, tokens, at, delivered FROM journal"
+RETRIES = 6  # a batch the database refuses as overloaded is tried again, backing off
+
+
+@dataclass
+class _Append:
+    row: tuple[Any, ...]
+    lease: int | None  # the process row whose lease this kernel must hold (durable processes)
+    done: asyncio.Future[None]
 
 
 class Journal:
-    """Rows of the ``journal`` table, appended through one group-committing writer."""
+    """Rows of the ``journal`` table, appended through one group-committing writer. A durable
+    process's row is written only while ``kernel_id`` holds the process's lease (checked in
+    the same transaction, the row locked against a takeover until it commits)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, kernel_id: str) -> None:
         self.db = db
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self.kernel_id = kernel_id
+        self._queue: list[_Append] = []
         self._wake: asyncio.Event | None = None
         self.appended = 0  # rows committed
         self.commits = 0  # transactions that committed them
@@ -161,60 +174,83 @@ class Journal:
         """The writer: commits whatever is queued, one transaction per batch (until cancelled;
         what is queued then fails with the cancellation)."""
         self._wake = asyncio.Event()
+        batch: list[_Append] = []
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
                 batch, self._queue = self._queue, []
-                rows = [row for row, _ in batch]
                 try:
-                    await self.db.run(functools.partial(_write, rows=rows))
+                    lost = await self._commit(batch)
                 except Exception as e:
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(e)
+                    for item in batch:
+                        if not item.done.done():
+                            item.done.set_exception(e)
                     continue
-                self.appended += len(rows)
-                self.commits += 1
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+                for item in batch:
+                    if item.done.done():
+                        continue
+                    if item.lease in lost:
+                        item.done.set_exception(
+                            LeaseLost(f"{item.row[0]} is held by another kernel now")
+                        )
+                    else:
+                        item.done.set_result(None)
+                batch = []
         finally:
             self._wake = None
-            for _, done in self._queue:
-                done.cancel()
+            for item in [*batch, *self._queue]:
+                item.done.cancel()
             self._queue = []
 
+    async def _commit(self, batch: list[_Append]) -> set[int]:
+        """Write a batch (retrying while the database is overloaded); the leases found lost."""
+        work = functools.partial(_write, batch=batch, kernel_id=self.kernel_id)
+        for attempt in range(RETRIES):
+            try:
+                lost = await self.db.run(work)
+            except Overloaded:
+                if attempt == RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+                continue
+            self.appended += len(batch) - sum(1 for item in batch if item.lease in lost)
+            self.commits += 1
+            return lost
+        raise AssertionError("unreachable")
+
     async def append(
-        self, process: str, key: str, fingerprint: str, value: str, tokens: int = 0
+        self,
+        process: str,
+        key: str,
+        fingerprint: str,
+        value: str,
+        tokens: int = 0,
+        *,
+        delivered: int = -1,
+        lease: int | None = None,
     ) -> float:
-        """Record one result; returns once it is committed (the time it was recorded)."""
+        """Record one result; returns once it is committed (the time it was recorded).
+        ``lease``: the durable process's row number (LeaseLost if this kernel no longer
+        holds it: nothing is written)."""
         if self._wake is None:
-            raise RuntimeError("the journal's writer is not running")
+            raise KernelShutdown("the journal's writer is not running")
         at = time.time()
         done = asyncio.get_running_loop().create_future()
-        self._queue.append(((process, key, fingerprint, value, tokens, at), done))
+        row = (process, key, fingerprint, value, tokens, at, delivered)
+        self._queue.append(_Append(row, lease, done))
         self._wake.set()
         await done
         return at
 
     async def entries(self, process: str) -> dict[str, Entry]:
         """A process's recorded results, by key."""
-        rows = await self.db.run(
-            lambda conn: conn.all(
-                "SELECT key, fingerprint, value, tokens, at FROM journal WHERE process = ?",
-                (process,),
-            )
-        )
+        rows = await self.db.run(lambda conn: conn.all(f"{_SELECT} WHERE process = ?", (process,)))
         return {row[0]: Entry(*row) for row in rows}
 
     async def get(self, process: str, key: str) -> Entry | None:
         row = await self.db.run(
-            lambda conn: conn.one(
-                "SELECT key, fingerprint, value, tokens, at FROM journal "
-                "WHERE process = ? AND key = ?",
-                (process, key),
-            )
+            lambda conn: conn.one(f"{_SELECT} WHERE process = ? AND key = ?", (process, key))
         )
         return None if row is None else Entry(*row)
 
@@ -227,6 +263,22 @@ class Journal:
         )
 
 
-def _write(conn: Conn, *, rows: list[tuple[Any, ...]]) -> None:
+def _write(conn: Conn, *, batch: list[_Append], kernel_id: str) -> set[int]:
+    """One transaction: the leases the batch needs, checked (and share-locked on PostgreSQL,
+    so a takeover waits for this commit), then the rows of the processes still held."""
     with conn.transaction():
-        conn.many(_INSERT, rows)
+        needed = sorted({item.lease for item in batch if item.lease is not None})
+        held: set[int] = set()
+        lock = " FOR SHARE" if conn.dialect == "postgres" else ""
+        for start in range(0, len(needed), 500):
+            chunk = needed[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = conn.all(
+                f"SELECT n FROM processes WHERE n IN ({marks}) AND kernel = ? "
+                "AND state = 'running'" + lock,
+                (*chunk, kernel_id),
+            )
+            held.update(int(row[0]) for row in rows)
+        lost = set(needed) - held
+        conn.many(_INSERT, [item.row for item in batch if item.lease not in lost])
+    return lost

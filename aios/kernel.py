@@ -150,15 +150,16 @@ class Kernel:
         self._calls: dict[str, asyncio.Task[None]] = {}  # resource calls' work, by syscall id
         # Durable processes (aios.durable): the journal of their syscalls (also the record of
         # HTTP calls with an Idempotency-Key) and the process table with its leases.
-        self.journal = Journal(self._resources.db)
         durable = self.config.durable
         self.kernel_id = durable.kernel_id or new_kernel_id()
+        self.journal = Journal(self._resources.db, self.kernel_id)
         self.durable = (
             ProcessTable(self._resources.db, self.kernel_id, durable.lease_seconds)
             if durable.enabled
             else None
         )
-        self._daemons: list[asyncio.Task[None]] = []  # the journal's writer, the lease keeper
+        self._journal_writer: asyncio.Task[None] | None = None
+        self._lease_keeper: asyncio.Task[None] | None = None
         self._held: dict[int, AgentProcess] = {}  # durable processes this kernel runs
 
     def clock(self) -> float:
@@ -212,11 +213,15 @@ class Kernel:
             self._writer = self._tasks.create_task(self.audit.run(), name="audit")
             for name, core in self.cores.items():
                 self._loops.append(self._tasks.create_task(core.run(), name=f"core-{name}"))
-            self._daemons.append(self._tasks.create_task(self.journal.run(), name="journal"))
-            if self.durable is not None:  # processes that were running resume now
-                await self._claim(own=True)
-                self._daemons.append(self._tasks.create_task(self._leases(), name="leases"))
+            self._journal_writer = self._tasks.create_task(self.journal.run(), name="journal")
             undo.pop_all()
+        if self.durable is not None:  # processes that were running resume now
+            try:
+                await self._claim(own=True)
+            except BaseException as e:
+                await self.__aexit__(type(e), e, e.__traceback__)
+                raise
+            self._lease_keeper = self._tasks.create_task(self._leases(), name="leases")
         return self
 
     async def __aexit__(
@@ -229,17 +234,17 @@ class Kernel:
         records of it all, free the models. The body's own exception propagates unchanged
         (not wrapped in an ExceptionGroup)."""
         tasks, self._tasks = self._tasks, None
-        ending = [*self._loops, *self._spawned, *self._calls.values()]
+        keeper, self._lease_keeper = self._lease_keeper, None  # no process is claimed now
+        ending = [*self._loops, *self._spawned, *self._calls.values(), *filter(None, [keeper])]
         for task in ending:
             task.cancel()
         await self._close_cores()
         if ending:
             await asyncio.wait(ending)
-        for daemon in self._daemons:  # once no agent can append to the journal any more
-            daemon.cancel()
-        if self._daemons:
-            await asyncio.wait(self._daemons)
-        self._daemons = []
+        writer, self._journal_writer = self._journal_writer, None
+        if writer is not None:  # once no agent can append to the journal any more
+            writer.cancel()
+            await asyncio.wait([writer])
         if self._writer is not None:
             await self.audit.drain()
             self._writer.cancel()
@@ -365,6 +370,8 @@ class Kernel:
                 "([kernel.durable] enabled = false)"
             )
         row = await self.durable.create(ref, agent_cls.name, task, owner, groups)
+        if self._tasks is None:  # stopped meanwhile: the next start runs it
+            raise KernelShutdown(f"the kernel stopped; {row.id} runs when it starts again")
         return self._adopt(row, fresh=True)
 
     def _start(self, process: AgentProcess, run: Coroutine[Any, Any, AgentProcess]) -> None:
@@ -386,8 +393,11 @@ class Kernel:
     ) -> AgentProcess:
         """A durable process's run: replay what its journal holds, run the rest live, record
         its end. Stopped by the kernel's shutdown it stays running in the table (it resumes on
-        the next start); killed, it ends there as failed."""
+        the next start); killed, it ends there as failed. Stopped by a journal that could not
+        record (the database failed, another kernel took its lease) it ends here only: its
+        lease is no longer renewed, so a kernel claims it again and resumes it."""
         assert self.durable is not None
+        client: ReplayClient | None = None
         try:
             try:
                 cls = load_agent(row.agent)
@@ -397,29 +407,45 @@ class Kernel:
             else:
                 self._restore_quota(process, entries.values())
                 client = ReplayClient(
-                    self, process, self.journal, entries, seed=row.seed, started=row.created
-                )
+                    self, process, self.journal, entries,
+                    seed=row.seed, started=row.created, lease=row.n,
+                )  # fmt: skip
                 await self.run_agent(cls, row.task, process=process, client=client)
-                if client.diverged is not None:
-                    process.exit(self.clock(), error=f"{client.diverged.code}: {client.diverged}")
-                elif client.unreplayed and process.error is None:
-                    process.exit(
-                        self.clock(),
-                        error=f"replay_diverged: {process.id} ended before the "
-                        f"{client.unreplayed} syscalls its journal still holds (its code, task "
-                        "or inputs changed since it ran)",
-                    )
                 if client.replayed:
                     log.info("%s resumed: %d syscalls replayed", process.id, client.replayed)
         except asyncio.CancelledError:
             if process.killed and self._tasks is not None:  # killed: that is its end
-                self._tasks.create_task(self.durable.finish(row.n, "failed", None, "killed"))
+                self._tasks.create_task(self._finish(row, "failed", None, "killed"))
             raise
         finally:
             self._held.pop(row.n, None)
+        if client is not None and client.broken is not None:
+            error = client.broken
+            process.exit(self.clock(), error=f"{error.code}: {error} (it resumes from its journal)")
+            log.warning("%s stopped: its journal could not record a result: %s", process.id, error)
+            return process
+        if client is not None and client.diverged is not None:
+            process.exit(self.clock(), error=f"{client.diverged.code}: {client.diverged}")
+        elif client is not None and client.unreplayed and process.error is None:
+            process.exit(
+                self.clock(),
+                error=f"replay_diverged: {process.id} ended before the {client.unreplayed} "
+                "syscalls its journal still holds (its code, task or inputs changed since it ran)",
+            )
         state = "failed" if process.error is not None else "done"
-        await self.durable.finish(row.n, state, process.result, process.error)
+        await self._finish(row, state, process.result, process.error)
         return process
+
+    async def _finish(
+        self, row: ProcessRow, state: str, result: str | None, error: str | None
+    ) -> None:
+        """Record a durable process's end; if the database fails, the row stays running
+        (unrenewed) and the process is resumed, replayed to its end and recorded again."""
+        assert self.durable is not None
+        try:
+            await self.durable.finish(row.n, state, result, error)
+        except AIOSError as e:
+            log.warning("could not record the end of %s (%s); it will be replayed", row.id, e)
 
     def _restore_quota(self, process: AgentProcess, entries: Iterable[Any]) -> None:
         """Charge a resumed process's quota window with its journalled LLM calls of the last
@@ -436,29 +462,46 @@ class Kernel:
         assert self.durable is not None
         after = 0
         while rows := await self.durable.claim(own=own, after=after):
+            if self._tasks is None:  # stopping: they resume at the next start (or elsewhere)
+                return
             for row in rows:
                 if row.n not in self._held:
                     self._adopt(row, fresh=False)
             after = rows[-1].n
 
     async def _leases(self) -> None:
-        """Renew this kernel's leases every third of their length; take over expired ones;
-        drop idempotency records past their time. A process whose lease another kernel took
-        (this one stalled past it) stops here."""
+        """Renew the leases of the processes this kernel runs every third of their length;
+        take over expired ones; drop idempotency records past their time. A process whose
+        lease another kernel took (this one stalled past it) stops here, and so does every
+        process when this kernel could not renew for a whole lease."""
         assert self.durable is not None
         config = self.config.durable
+        renewed = self.clock()
         while True:
             await asyncio.sleep(config.lease_seconds / 3)
+            running = dict(self._held)  # (a process adopted during the renewal is not judged)
             try:
-                held = await self.durable.renew()
-                for n, process in list(self._held.items()):
-                    if n not in held and process.runner is not None:
-                        process.error = "lost its lease: another kernel runs it now"
-                        process.runner.cancel()
+                held = await self.durable.renew(set(running))
+            except AIOSError as e:
+                log.warning("could not renew the process leases: %s", e)
+                if self.clock() - renewed > config.lease_seconds:
+                    self._stop(running, "its lease expired: the database could not be reached")
+                continue
+            renewed = self.clock()
+            self._stop({n: p for n, p in running.items() if n not in held}, "lost its lease")
+            try:
                 await self._claim()
                 await self.journal.expire(time.time() - config.idempotency_hours * 3600)
             except AIOSError as e:
-                log.warning("could not renew the process leases: %s", e)
+                log.warning("could not claim expired processes: %s", e)
+
+    def _stop(self, processes: dict[int, AgentProcess], why: str) -> None:
+        """Stop durable processes that another kernel may run now (no end is recorded)."""
+        for n, process in processes.items():
+            if process.runner is not None and not process.runner.done():
+                log.warning("%s stops here: %s", process.id, why)
+                process.runner.cancel()
+            self._held.pop(n, None)
 
     async def find(self, process_id: str) -> AgentProcess | None:
         """A process by id: in the table in memory, else a durable one that ended (before a
@@ -695,7 +738,8 @@ class Kernel:
                 ident = None if step is None else f"ap-{process.id}-{step}"
                 allowed, reason = await self._ask(process, request, cap, reason, ident)
                 if allowed and step is not None:
-                    await record_decision(self.journal, process.id, step, allowed)
+                    lease = process_number(process.id)
+                    await record_decision(self.journal, process.id, step, allowed, lease)
         except BaseException:
             work.close()
             raise

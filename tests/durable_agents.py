@@ -5,6 +5,7 @@ that differed, shows in the result (or as a divergence)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -84,3 +85,20 @@ def slow(seconds: float) -> str:
         with Path(log).open("a") as f:
             f.write("ran\n")
     return f"waited {seconds:g}s"
+
+
+class Branches(Agent):
+    """Two concurrent branches (asyncio.gather), each an LLM call, a write and an LLM call:
+    their calls interleave, so a replay must hand results back in their original order."""
+
+    name = "branches"
+
+    async def run(self, task: str) -> str:
+        async def branch(label: str) -> str:
+            first = await self.llm.complete(f"{task} {label} one", max_tokens=6)
+            await self.storage.write(f"{task}-{label}.txt", first.text)
+            second = await self.llm.complete(f"{task} {label} two {first.text}", max_tokens=6)
+            return second.text.strip()
+
+        left, right = await asyncio.gather(branch("left"), branch("right"))
+        return f"{task}: {left} {right}"

@@ -217,12 +217,19 @@ def free_port() -> int:
         return port
 
 
-def raw_post(harness: Harness, path: str, token: str, body: dict[str, Any]) -> socket.socket:
+def raw_post(
+    harness: Harness,
+    path: str,
+    token: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> socket.socket:
     """Send a POST on a bare socket (so the test can drop the connection mid-call)."""
     host, port = harness.url.removeprefix("http://").rsplit(":", 1)
     data = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n{extra}"
         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     )
     sock = socket.create_connection((host, int(port)), timeout=5)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import REPLY, Harness, chat, serve, sse_frames, wait_for
+from servers import REPLY, Harness, chat, raw_post, serve, sse_frames, wait_for
 
 from aios.config import DurableConfig
 from aios.errors import Unreachable
@@ -80,22 +80,39 @@ def test_a_recorded_error_is_answered_again_and_a_bad_key_is_refused(server: Har
     assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]["message"]
 
 
-def test_a_repeat_while_the_first_runs_is_a_conflict(server: Harness) -> None:
+def test_a_repeat_while_the_first_runs_waits_for_its_answer(server: Harness) -> None:
     token = server.agent("alice")
     alice, second = server.client(token), server.client(token)
     gate = server.hold()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(alice.post, "/api/v1/llm/chat", json=chat(), headers=KEY)
-        try:
-            wait_for(lambda: server.engine.blocked, what="the first call at the gate")
-            busy = second.post("/api/v1/llm/chat", json=chat(), headers=KEY)
-            assert busy.status_code == 409 and "still running" in busy.text
-        finally:
-            gate.set()
+        wait_for(lambda: server.engine.blocked, what="the first call at the gate")
+        repeat = pool.submit(second.post, "/api/v1/llm/chat", json=chat(), headers=KEY)
+        other = second.post("/api/v1/llm/chat", json=chat(max_tokens=3), headers=KEY)
+        assert other.status_code == 409 and "different request" in other.text
+        assert not repeat.done()  # it waits for the first one's answer
+        gate.set()
         assert first.result().status_code == 200
-    replay = second.post("/api/v1/llm/chat", json=chat(), headers=KEY)
-    assert replay.headers["idempotent-replayed"] == "true"
-    assert replay.json() == first.result().json()
+        assert repeat.result().headers["idempotent-replayed"] == "true"
+    assert repeat.result().json() == first.result().json()
+    assert len(server.engine.prompts) == 1  # the model ran once
+
+
+def test_a_call_under_a_key_is_not_cancelled_when_its_client_leaves(server: Harness) -> None:
+    token = server.agent("alice")
+    gate = server.hold()
+    sock = raw_post(server, "/api/v1/llm/chat", token, chat(), headers=KEY)
+    wait_for(lambda: server.engine.blocked, what="the call at the gate")
+    sock.close()  # the client is gone: without a key the call would be cancelled now
+    time.sleep(0.3)
+    gate.set()
+    alice = server.client(token)
+    again = wait_for(
+        lambda: (r := alice.post("/api/v1/llm/chat", json=chat(), headers=KEY)).is_success and r,
+        what="the recorded answer",
+    )
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["status"] == "done" and len(server.engine.prompts) == 1
 
 
 def test_a_streamed_call_under_a_key_answers_a_repeat_with_its_envelope(server: Harness) -> None:

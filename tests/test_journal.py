@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from durable_agents import Chain, Dice, Guarded
+from durable_agents import Branches, Chain, Dice, Guarded
 from fakes import CORE_DEFAULTS, FakeFactory, wait_until
 
 from aios.access import Pending
@@ -226,8 +226,8 @@ async def test_an_approved_call_is_not_asked_again_after_a_restart(db: str) -> N
         await wait_until(lambda: bool(kernel.access.pending), timeout=LIMIT)
     await rows(
         db,
-        "INSERT INTO journal (process, key, fingerprint, value, tokens, at) "
-        "VALUES (?, '2/approval', 'approval', ?, 0, 0)",
+        "INSERT INTO journal (process, key, fingerprint, value, tokens, at, delivered) "
+        "VALUES (?, '2/approval', 'approval', ?, 0, 0, -1)",
         (process.id, journal_decision),
     )
     again, _ = make(db, approve=("storage.delete:*",))
@@ -340,3 +340,34 @@ async def test_a_start_claims_every_process_in_batches(
             await finished(kernel, process_id)
     assert await rows(db, "SELECT DISTINCT state FROM processes") == [("done",)]
     assert calls(factory) == 8 * Chain.calls
+
+
+async def test_concurrent_branches_with_several_calls_each_resume(db: str, tmp_path: Path) -> None:
+    expected, total = await reference(tmp_path, Branches, "kappa")
+    kernel, _ = make(db)
+    async with asyncio.timeout(LIMIT), kernel:
+        process = await kernel.spawn(Branches, "kappa")
+        await wait_until(lambda: kernel.journal.appended >= 3, timeout=LIMIT)
+    journalled = (await rows(db, "SELECT COUNT(*) FROM journal WHERE tokens > 0"))[0][0]
+    again, factory = make(db)
+    async with asyncio.timeout(LIMIT), again:
+        await finished(again, process.id)
+    resumed = again.processes[process.id]
+    assert resumed.error is None and resumed.result == expected
+    assert calls(factory) == total - journalled
+
+
+async def test_a_kernel_that_lost_a_lease_records_nothing_more_for_it(db: str) -> None:
+    kernel, _ = make(db, approve=("storage.delete:*",))
+    async with asyncio.timeout(LIMIT), kernel:
+        process = await kernel.spawn(Guarded, "lam")
+        await wait_until(lambda: bool(kernel.access.pending), timeout=LIMIT)
+        await rows(db, "UPDATE processes SET kernel = 'another'")  # taken over meanwhile
+        (ident,) = kernel.access.pending
+        kernel.access.resolve(ident, True)
+        assert process.runner is not None
+        await asyncio.wait([process.runner])
+    assert process.error is not None and process.error.startswith("lease_lost:")
+    keys = [key for (key,) in await rows(db, "SELECT key FROM journal ORDER BY key")]
+    assert keys == ["0", "1"]  # neither the decision nor the delete's result
+    assert await rows(db, "SELECT state, kernel FROM processes") == [("running", "another")]

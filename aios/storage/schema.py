@@ -30,7 +30,8 @@ _PROCESSES = """CREATE TABLE processes (
 
 _JOURNAL = """CREATE TABLE journal (
     process TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL, value TEXT NOT NULL,
-    tokens BIGINT NOT NULL, at {real} NOT NULL, PRIMARY KEY (process, key))"""
+    tokens BIGINT NOT NULL, at {real} NOT NULL, delivered BIGINT NOT NULL,
+    PRIMARY KEY (process, key))"""
 
 
 # The columns are those of the table older versions kept in a file of its own.

@@ -4,6 +4,7 @@ JSON envelope, or with ``stream=true`` as Server-Sent Events (``syscall``, ``tok
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def router(server: Server) -> APIRouter:
             )
         outcome = Outcome()
         try:
-            outcome = await collect(events, request, outcome)
+            outcome = await collect(events, request, outcome, watch=claim is None)
         except ClientGone:
             return Response(status_code=499)
         except AIOSError as e:
@@ -107,11 +108,15 @@ async def collect(
     events: AsyncGenerator[LLMRequest | str | Completion, None],
     request: Request,
     outcome: Outcome,
+    *,
+    watch: bool = True,
 ) -> Outcome:
     """Run a non-streamed syscall to its end, cancelling it if the client disconnects
-    (ClientGone). Typed errors propagate; ``outcome.syscall`` tells the caller which call ended
-    (None: nothing was queued)."""
-    async with aclosing(events), cancel_on_disconnect(request.receive):
+    (ClientGone; not with ``watch`` off: a call under an idempotency key). Typed errors
+    propagate; ``outcome.syscall`` tells the caller which call ended (None: nothing was
+    queued)."""
+    watcher = cancel_on_disconnect(request.receive) if watch else contextlib.nullcontext()
+    async with aclosing(events), watcher:
         async for event in events:
             if isinstance(event, LLMRequest):
                 outcome.syscall = event

@@ -3,6 +3,7 @@ a JSON object of the operation's arguments, ``?timeout=`` seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,7 @@ def router(server: Server) -> APIRouter:
         if isinstance(claim, Response):
             return claim
         try:
-            response = await run(kind, op, identity, request)
+            response = await run(kind, op, identity, request, keyed=claim is not None)
             if claim is not None:
                 await claim.record_response(response)
             return response
@@ -41,7 +42,9 @@ def router(server: Server) -> APIRouter:
             if claim is not None:
                 claim.release()
 
-    async def run(kind: str, op: str, identity: Identity, request: Request) -> Response:
+    async def run(
+        kind: str, op: str, identity: Identity, request: Request, *, keyed: bool
+    ) -> Response:
         received = kernel.clock()
         timeout = _timeout(request.query_params.get("timeout"))
         raw = await request.body()
@@ -54,7 +57,9 @@ def router(server: Server) -> APIRouter:
         process = server.session(identity)
         call = kernel.submit(process, kind, op, args, timeout=timeout)
         try:
-            async with cancel_on_disconnect(request.receive):
+            # Under an idempotency key a disconnect does not cancel: the answer is recorded.
+            watch = contextlib.nullcontext() if keyed else cancel_on_disconnect(request.receive)
+            async with watch:
                 result = await kernel.settle(process, call)
         except ClientGone:
             return Response(status_code=499)
