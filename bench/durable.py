@@ -58,7 +58,9 @@ async def client_for(kernel: Kernel, arm: str, name: str) -> SyscallClient:
     assert kernel.durable is not None
     row = await kernel.durable.create(f"bench:{name}", name, "", None, frozenset())
     process = kernel.register(name, pid=row.id)
-    return ReplayClient(kernel, process, kernel.journal, {}, seed=row.seed, started=row.created)
+    return ReplayClient(
+        kernel, process, kernel.journal, {}, seed=row.seed, started=row.created, lease=row.n
+    )
 
 
 def config(database: str, kernel_id: str = "bench", core: CoreConfig | None = None) -> KernelConfig:
