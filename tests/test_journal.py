@@ -90,12 +90,10 @@ async def reference(tmp_path: Path, cls: type[Agent], task: str) -> tuple[str | 
         return process.result, calls(factory)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "aios.db")
-    dsn: str = request.getfixturevalue("pg_dsn")
-    return dsn
+@pytest.fixture
+def db(url: str) -> str:
+    """Each backend's database (conftest's ``url``)."""
+    return url
 
 
 async def test_a_spawned_agent_is_recorded_with_a_journal_of_every_syscall(db: str) -> None:
